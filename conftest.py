@@ -1,0 +1,1 @@
+"""Root conftest: the mechtests plugin is registered through its pytest11 entry point."""

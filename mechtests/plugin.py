@@ -1,0 +1,104 @@
+"""The pytest plugin: ``--model``/``--device``/``--dtype``, the ``claim`` marker, and subjects.
+
+A claim test takes a ``subject`` fixture and is run once per model: the models named with
+``--model`` (repeatable), or else the claim's own reference subjects (``subjects=[...]`` in its
+``claim`` marker). Each model loads once per run; a model whose weights are not on this machine
+turns into a skip that says how to get it, the same message for every test that needs it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from mechtests.models import ModelUnavailable, describe, load_model
+
+_LOADED: dict[tuple[str, str, str], Any] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mechtests", "mechanistic claims")
+    group.addoption("--model", action="append", default=None, metavar="SPEC",
+                    help="model to test claims against (repeatable): a hub name such as gpt2, a "
+                         "local Hugging Face directory, or a shipped organism name. Default: each "
+                         "claim's own reference subjects.")
+    group.addoption("--device", default=None,
+                    help="torch device (default: cuda when available, else cpu)")
+    group.addoption("--dtype", default="float32",
+                    choices=["float32", "float64", "bfloat16", "float16"],
+                    help="dtype to load models in (default float32)")
+    group.addoption("--seed", type=int, default=0, help="seed for everything that samples")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "claim(id, source, subjects=None): a research claim; id names it in reports, source cites "
+        "the paper or notebook, subjects lists the reference models it is written for",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "subject" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("claim")
+    own = list(marker.kwargs.get("subjects") or []) if marker else []
+    specs = metafunc.config.getoption("--model") or own
+    if not specs:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid} takes a subject but names no subjects in its claim "
+            f"marker and no --model was given"
+        )
+    metafunc.parametrize(
+        "subject",
+        [pytest.param(s, id=s, marks=pytest.mark.xdist_group(s)) for s in specs],
+        indirect=True,
+    )
+
+
+@dataclass
+class Subject:
+    """A model under test: the spec the user gave, its display name and the loaded bridge."""
+
+    spec: str
+    name: str
+    model: Any
+
+    @property
+    def shape(self) -> str:
+        return describe(self.model)
+
+
+def get_model(config: pytest.Config, spec: str):
+    """Load ``spec`` once per run (and remember a failure, so it is reported once)."""
+    key = (spec, str(config.getoption("--device")), config.getoption("--dtype"))
+    if key not in _LOADED:
+        try:
+            _LOADED[key] = load_model(spec, config.getoption("--device"),
+                                      config.getoption("--dtype"))
+        except ModelUnavailable as exc:
+            _LOADED[key] = exc
+    got = _LOADED[key]
+    if isinstance(got, ModelUnavailable):
+        pytest.skip(str(got))
+    return got
+
+
+@pytest.fixture
+def subject(request: pytest.FixtureRequest) -> Subject:
+    """The model a claim is checked against (parametrized by ``--model`` or the claim)."""
+    spec = request.param
+    model = get_model(request.config, spec)
+    return Subject(spec, model.mechtests_spec.name, model)
+
+
+@pytest.fixture(autouse=True)
+def _mechtests_seed(request: pytest.FixtureRequest) -> None:
+    """Seed torch and random before every test, so the same command gives the same numbers."""
+    seed = request.config.getoption("--seed")
+    torch.manual_seed(seed)
+    random.seed(seed)

@@ -1,0 +1,88 @@
+"""Prompt families: templates, named positions, and validation errors that show token splits."""
+
+from __future__ import annotations
+
+import pytest
+
+from mechtests.prompts import Prompt, PromptError, PromptFamily, position
+
+IOI = "When {IO} and {S1} went to the {PLACE} , {S2} gave a {OBJ} to"
+FILLS = [
+    {"IO": "Mary", "S1": "John", "S2": "John", "PLACE": "store", "OBJ": "drink"},
+    {"IO": "Tom", "S1": "James", "S2": "James", "PLACE": "park", "OBJ": "ball"},
+]
+
+
+def swap_s2(f):
+    return {**f, "S2": f["IO"]}
+
+
+def ioi() -> PromptFamily:
+    return PromptFamily.from_template("ioi", IOI, FILLS, swap_s2, " {IO}", " {S1}")
+
+
+def test_template_family_tokenizes_with_positions(tiny_model):
+    tf = ioi().tokenize(tiny_model)
+    assert tf.clean.shape == tf.corrupted.shape == (2, 15)  # BOS + 14 words
+    tok = tiny_model.tokenizer
+    assert tok.decode(tf.clean[0, tf.positions["IO"][0]]) == "Mary"
+    assert tok.decode(tf.clean[0, tf.positions["S2"][0]]) == "John"
+    assert tok.decode(tf.corrupted[0, tf.positions["S2"][0]]) == "Mary"
+    assert tf.positions["END"].tolist() == [14, 14]
+    assert tok.decode(tf.answer_ids[1]) == "Tom" and tok.decode(tf.counterfactual_ids[1]) == "James"
+    assert tf.pos_labels[1] == "1 When"
+
+
+def test_no_bos(tiny_model):
+    fam = PromptFamily.from_template("ioi", IOI, FILLS, swap_s2, " {IO}", " {S1}",
+                                     prepend_bos=False)
+    tf = fam.tokenize(tiny_model)
+    assert tf.clean.shape[1] == 14 and tf.positions["IO"][0] == 1
+
+
+def test_mismatched_lengths_show_splits(tiny_model):
+    fam = PromptFamily("bad", [Prompt("Mary gave a drink to", "Mary gave a drink to John",
+                                      " John", " Mary")])
+    with pytest.raises(PromptError, match=r"different token counts \(6 vs 7\)(.|\n)*"
+                                          r"corrupted: '<bos>' \| 'Mary'"):
+        fam.tokenize(tiny_model)
+
+
+def test_prompts_of_different_lengths_in_one_family(tiny_model):
+    fam = PromptFamily("mixed", [Prompt("Mary gave a drink to", "John gave a drink to",
+                                        " John", " Mary"),
+                                 Prompt("Mary gave a drink to the", "John gave a drink to the",
+                                        " John", " Mary")])
+    with pytest.raises(PromptError, match=r"prompt 1 has 7 tokens but prompt 0 has 6"):
+        fam.tokenize(tiny_model)
+
+
+def test_multi_token_answer_shows_split(tiny_model):
+    fam = PromptFamily("bad", [Prompt("Mary gave a drink to", "John gave a drink to",
+                                      " John Smith", " Mary")])
+    with pytest.raises(PromptError, match=r"answer ' John Smith' is not one token, it splits "
+                                          r"into 2: 'John' \| 'Smith'"):
+        fam.tokenize(tiny_model)
+
+
+def test_empty_family():
+    with pytest.raises(PromptError, match=r"family 'none' is empty"):
+        PromptFamily("none", [])
+
+
+def test_unknown_slot():
+    with pytest.raises(PromptError, match=r"uses slot 'IO'"):
+        PromptFamily.from_template("x", IOI, [{"S1": "John"}], dict, " {IO}", " {S1}")
+
+
+def test_unknown_named_position(tiny_model):
+    with pytest.raises(PromptError, match=r"no position 'S3'; it has END, IO, OBJ, PLACE, S1, S2"):
+        position(ioi().tokenize(tiny_model), "S3")
+
+
+def test_no_bos_token(tiny_model):
+    class NoBos:
+        bos_token_id = None
+
+    with pytest.raises(PromptError, match=r"prepend_bos=False"):
+        ioi().tokenize(NoBos())
