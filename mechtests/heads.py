@@ -1,0 +1,179 @@
+"""Attention-head views: TL head-detector scores, attention between named positions, patterns.
+
+Scores follow ``transformer_lens.head_detector`` ("mul" measure): a detection pattern marks the
+(query, key) pairs a head type should attend; a head's score on a prompt is the attention mass on
+the marked pairs divided by its total mass (all query rows), after optionally zeroing attention
+to BOS (key 0) and to the current token. Prompts are scored in one batch and averaged, as TL does
+for a list of prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mechtests.attribution import (
+    Pos,
+    Tokens,
+    _check_head,
+    _check_layer,
+    _labels,
+    _positions,
+    _run,
+    _tokens,
+)
+from mechtests.result import Result
+
+KINDS = ("previous_token", "duplicate_token", "induction")
+
+
+def repeated_random_tokens(n_tokens: int, batch: int = 4, seed: int = 0,
+                           vocab_range: tuple[int, int] = (1, 50257), bos: int | None = None
+                           ) -> torch.Tensor:
+    """[batch, (1 +) 2 * n_tokens]: a random sequence, then the same sequence again.
+
+    Tokens are drawn from ``range(*vocab_range)`` with a seeded generator, without repeats inside
+    a half when the range is large enough (so every second-half token has exactly one earlier
+    copy). ``bos`` (if given) is prepended. Keep special tokens out of ``vocab_range``.
+    """
+    lo, hi = vocab_range
+    if n_tokens < 1 or batch < 1 or hi <= lo:
+        raise ValueError(f"repeated_random_tokens: need n_tokens >= 1, batch >= 1 and a "
+                         f"non-empty vocab_range, got {n_tokens}, {batch}, {vocab_range}")
+    g = torch.Generator().manual_seed(seed)
+    if n_tokens <= hi - lo:
+        half = torch.rand(batch, hi - lo, generator=g).argsort(-1)[:, :n_tokens] + lo
+    else:
+        half = torch.randint(lo, hi, (batch, n_tokens), generator=g)
+    toks = torch.cat([half, half], 1)
+    if bos is not None:
+        toks = torch.cat([torch.full((batch, 1), bos, dtype=toks.dtype), toks], 1)
+    return toks
+
+
+def detection_pattern(tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """TL's detection pattern for ``kind``, batched: [n_prompts, T, T] of 0/1, lower triangular.
+
+    previous_token: key = query - 1. duplicate_token: earlier keys with the query's token.
+    induction: keys right after an earlier copy of the query's token.
+    """
+    kind = kind.removesuffix("_head")
+    n, t = tokens.shape
+    if kind == "previous_token":
+        return torch.diag_embed(torch.ones(t - 1), -1).expand(n, t, t).clone()
+    dup = (tokens[:, :, None] == tokens[:, None, :]).float().tril(-1).cpu()
+    if kind == "duplicate_token":
+        return dup
+    if kind == "induction":
+        return torch.cat([torch.zeros(n, t, 1), dup[:, :, :-1]], 2).tril()
+    raise ValueError(f"unknown head kind {kind!r}: choose one of {', '.join(KINDS)}")
+
+
+def _patterns(model: Any, toks: torch.Tensor) -> torch.Tensor:
+    """All attention patterns of one batched run: [n, layer, head, dest, src]."""
+    sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    acts = _run(model, toks, sites)[1]
+    return torch.stack([acts[s] for s in sites], 1)
+
+
+def head_scores(model: Any, tokens: Tokens, kind: str, exclude_bos: bool = False,
+                exclude_current_token: bool = False, over: str = "all") -> Result:
+    """Per-head detector score for ``kind`` (previous_token, duplicate_token, induction).
+
+    ``over='all'`` is TL's ``detect_head`` (mul): marked attention / total attention over all
+    query rows, so rows with no marked key count as 0 (a perfect induction head scores about
+    n/(2n+1) on BOS + repeated tokens). ``over='targets'`` averages only the query rows that
+    have a marked key (e.g. the mean attention of each second-half token to the token after its
+    earlier copy). Axes ``(layer, head)``; per_prompt has one row per prompt.
+    """
+    if over not in ("all", "targets"):
+        raise ValueError(f"over={over!r}: choose 'all' (TL's detector) or 'targets'")
+    toks = _tokens(model, tokens)
+    det = detection_pattern(toks, kind).to(toks.device)[:, None, None]         # [n,1,1,T,T]
+    pat = _patterns(model, toks)
+    if exclude_bos:
+        pat = pat.clone()
+        pat[..., 0] = 0
+    if exclude_current_token:
+        pat = pat * (1 - torch.eye(toks.shape[1], device=pat.device))
+    hit, mass = (pat * det).sum(-1), pat.sum(-1)                               # [n, L, H, T]
+    if over == "all":
+        per = hit.sum(-1) / mass.sum(-1)
+    else:
+        rows = det.sum(-1) > 0                                                 # [n,1,1,T]
+        if not rows.any():
+            raise ValueError(f"no query position has a {kind} target in these prompts; use "
+                             f"repeated tokens (repeated_random_tokens)")
+        ratio = torch.where(rows, hit / mass.clamp_min(1e-30), torch.zeros_like(hit))
+        per = ratio.sum(-1) / rows.sum(-1).clamp_min(1)
+    labels = {"layer": _labels(model.cfg.n_layers), "head": _labels(model.cfg.n_heads)}
+    return Result(f"{kind.removesuffix('_head')} score", ("layer", "head"), labels, per.mean(0),
+                  per, {"exclude_bos": exclude_bos,
+                        "exclude_current_token": exclude_current_token, "over": over})
+
+
+def induction_scores(model: Any, n_tokens: int = 20, batch: int = 4, seed: int = 0,
+                     vocab_range: tuple[int, int] | None = None, **kw: Any) -> Result:
+    """Induction scores on seeded repeated random tokens (BOS-prefixed when the model has one).
+
+    ``vocab_range`` defaults to all ids above the special tokens' ids (BOS/EOS/UNK/PAD).
+    """
+    tok = getattr(model, "tokenizer", None)
+    specials = [i for i in getattr(tok, "all_special_ids", []) if i is not None]
+    if vocab_range is None:
+        vocab_range = (max(specials, default=-1) + 1, model.cfg.d_vocab)
+        if max(specials, default=-1) > model.cfg.d_vocab // 2:     # e.g. GPT-2's final <eos>
+            vocab_range = (0, min(specials))
+    bos = getattr(tok, "bos_token_id", None)
+    toks = repeated_random_tokens(n_tokens, batch, seed, vocab_range, bos)
+    return head_scores(model, toks, "induction", **kw)
+
+
+def attention_between(model: Any, tokens: Tokens, from_pos: Pos, to_pos: Pos) -> Result:
+    """Per-head attention from one named position to another (one position per prompt).
+
+    E.g. END -> IO for name movers. Axes ``(layer, head)``; per_prompt has one row per prompt.
+    """
+    toks = _tokens(model, tokens)
+    q, k = _positions(from_pos, toks, "from_pos"), _positions(to_pos, toks, "to_pos")
+    if (k > q).any():
+        i = int((k > q).nonzero()[0])
+        raise ValueError(f"to_pos {int(k[i])} comes after from_pos {int(q[i])} in prompt {i}; "
+                         f"causal attention only looks back, swap the positions")
+    pat = _patterns(model, toks)                                               # [n, L, H, T, T]
+    n = toks.shape[0]
+    per = pat[torch.arange(n), :, :, q, k]                                     # [n, L, H]
+    labels = {"layer": _labels(model.cfg.n_layers), "head": _labels(model.cfg.n_heads)}
+    return Result("attention between positions", ("layer", "head"), labels, per.mean(0), per,
+                  {"from_pos": q.tolist(), "to_pos": k.tolist()})
+
+
+def attention_pattern(model: Any, tokens: Tokens, layer: int, head: int, prompt: int = 0
+                      ) -> Result:
+    """One head's attention pattern on one prompt, axes ``(dest, src)``, labels ``"3 John"``."""
+    toks = _tokens(model, tokens)
+    layer, head = _check_layer(model, layer), _check_head(model, head)
+    if not 0 <= prompt < toks.shape[0]:
+        raise ValueError(f"prompt {prompt}: there are {toks.shape[0]} prompts")
+    toks = toks[prompt:prompt + 1]
+    site = f"blocks.{layer}.attn.hook_pattern"
+    pat = _run(model, toks, [site])[1][site][0, head]
+    try:
+        words = model.to_str_tokens(toks[0])
+    except Exception:  # noqa: BLE001 - a model without a tokenizer still gets index labels
+        words = [str(int(t)) for t in toks[0]]
+    labels = [f"{i} {str(w).strip() or repr(w)}" for i, w in enumerate(words)]
+    return Result(f"attention pattern {layer}.{head}", ("dest", "src"),
+                  {"dest": labels, "src": labels}, pat, meta={"layer": layer, "head": head})
+
+
+__all__ = [
+    "KINDS",
+    "attention_between",
+    "attention_pattern",
+    "detection_pattern",
+    "head_scores",
+    "induction_scores",
+    "repeated_random_tokens",
+]
