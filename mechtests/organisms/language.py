@@ -30,6 +30,7 @@ in repeated random segments); ``split="all"`` from both.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -456,6 +457,12 @@ def bigram_word_class() -> dict[str, str]:
 
 
 def bigram_table():
+    """The exact transition table (a fresh copy; see ``_bigram_table``)."""
+    return _bigram_table().clone()
+
+
+@functools.lru_cache(maxsize=1)
+def _bigram_table():
     """The exact transition table ``P[i, j] = P(next = vocab[j] | current = vocab[i])``.
 
     The class chain picks the next class; within it each current word has its own preferences
@@ -485,7 +492,7 @@ def bigram_sample(n: int, length: int, seed: int = 0):
     """``n`` token sequences [n, length] from the chain, each starting at ``<bos>``."""
     import torch
 
-    P = bigram_table().float()
+    P = _bigram_table().float()
     g = torch.Generator().manual_seed(seed)
     out = torch.zeros(n, length, dtype=torch.long)  # column 0 is <bos> (id 0)
     for t in range(1, length):

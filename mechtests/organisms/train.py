@@ -322,6 +322,7 @@ def run(argv: list[str] | None = None) -> Path:
             )
     progress = not os.environ.get("CI") and sys.stderr.isatty()
     model, tok, loss = train(r, progress=progress)
+    model.tokenizer = tok  # the analysis functions read words through it
     scores = evaluate(r, model)
     with tempfile.TemporaryDirectory() as tmp:
         save(model, tok, r, scores, Path(tmp))

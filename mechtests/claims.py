@@ -1,0 +1,87 @@
+"""What claim files share: which reference a checkpoint is compared with, and assertions that
+explain themselves (measured value, threshold and why, components expected and found)."""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import pytest
+
+from mechtests.models import ORGANISMS
+
+T = TypeVar("T")
+
+# (n_layers, n_heads, d_model, d_vocab) of the reference models that claims are written for.
+GPT2_SHAPE = (12, 12, 768, 50257)
+OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def shape_of(model: Any) -> tuple[int, int, int, int]:
+    c = model.cfg
+    return (c.n_layers, c.n_heads, c.d_model, c.d_vocab)
+
+
+def reference_shape(name: str) -> tuple[int, int, int, int]:
+    """The shape of a reference subject: GPT-2 small, or a shipped organism's config."""
+    if name in ("gpt2", "openai-community/gpt2"):
+        return GPT2_SHAPE
+    cfg = json.loads((ORGANISMS / name / "config.json").read_text())
+    return (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["vocab_size"])
+
+
+def _describe(shape: tuple[int, int, int, int]) -> str:
+    return f"{shape[0]}-layer, {shape[1]}-head model (d_model {shape[2]}, vocab {shape[3]})"
+
+
+def reference(subject: Any, refs: Mapping[str, T]) -> tuple[str, T]:
+    """The expectations that apply to ``subject``: its own by name, else those of a reference
+    of the same shape (a fine-tune or another seed of it). Skips, saying why, otherwise."""
+    if subject.name in refs:
+        return subject.name, refs[subject.name]
+    shape = shape_of(subject.model)
+    for name, exp in refs.items():
+        if reference_shape(name) == shape:
+            return name, exp
+    about = "; ".join(f"{n}: {_describe(reference_shape(n))}" for n in refs)
+    pytest.skip(f"claim is about component indices of {about}; this checkpoint is a "
+                f"{_describe(shape)}")
+
+
+def holds(measured: float, op: str, threshold: float, what: str, why: str,
+          record: Any = None, **context: Any) -> None:
+    """Assert ``measured op threshold``; the failure message says what was measured, against
+    which threshold and why that threshold, plus any context (expected vs found components)."""
+    ok = OPS[op](measured, threshold)
+    if record is not None:
+        record.measured(what, measured, op, threshold, held=bool(ok))
+    if not ok:
+        extra = "".join(f"\n  {k}: {_fmt(v)}" for k, v in context.items())
+        raise AssertionError(
+            f"{what}: measured {measured:.4g}, claim needs {op} {threshold:.4g} ({why}){extra}"
+        )
+
+
+def holds_set(found: Sequence[str], expected: Sequence[str], what: str, why: str,
+              record: Any = None, **context: Any) -> None:
+    """Assert that every expected component is among those found (e.g. the top-k heads)."""
+    missing = [c for c in expected if c not in found]
+    if record is not None:
+        record.measured(what, len(expected) - len(missing), ">=", len(expected),
+                        held=not missing, expected=list(expected), found=list(found))
+    if missing:
+        extra = "".join(f"\n  {k}: {_fmt(v)}" for k, v in context.items())
+        raise AssertionError(
+            f"{what}: expected {list(expected)} among {list(found)}; missing {missing} ({why})"
+            f"{extra}"
+        )
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)

@@ -1,0 +1,108 @@
+"""GPT-2 prompt families, as the published experiments wrote them (see shared/published-values.md).
+
+The organisms' families are built from their own synthetic language
+(``mechtests.organisms.language``); these are the ones for real GPT-2-tokenizer models.
+"""
+
+from __future__ import annotations
+
+from mechtests.prompts import PromptFamily
+
+# Exploratory Analysis Demo (TransformerLens): four templates, each with both name orders;
+# (template, first-named A, second-named B, the answer of the template's first prompt).
+IOI_EA_TEMPLATES = [
+    ("When {A} and {B} went to the shops, {S2} gave the bag to", "John", "Mary", "Mary"),
+    ("When {A} and {B} went to the park, {S2} gave the ball to", "Tom", "James", "Tom"),
+    ("When {A} and {B} went to the shops, {S2} gave an apple to", "Dan", "Sid", "Dan"),
+    ("After {A} and {B} went to the park, {S2} gave a drink to", "Martin", "Amy", "Martin"),
+]
+
+
+def _ioi_prompt_family(name: str, rows: list[tuple[str, str, str, str]]) -> PromptFamily:
+    """IOI prompts from (template, IO, S, order) rows; corrupted: S2 replaced by IO (the answer
+    flips to S), so clean and corrupted differ only at S2, and positions IO, S1, S2, END."""
+    prompts = []
+    for template, io, s, order in rows:
+        a, b = (io, s) if order == "ABBA" else (s, io)
+        t = template.replace("{A}", "{IO}" if a == io else "{S1}")
+        t = t.replace("{B}", "{S1}" if a == io else "{IO}")
+        fill = {"IO": io, "S1": s, "S2": s}
+        prompts += PromptFamily.from_template(
+            name, t, [fill], lambda f: {**f, "S2": f["IO"]}, " {IO}", " {S1}"
+        ).prompts
+    return PromptFamily(name, prompts, prepend_bos=True)
+
+
+def gpt2_ioi_ea() -> PromptFamily:
+    """The 8 prompts of the Exploratory Analysis Demo (mean logit diff 3.552 in GPT-2 small).
+
+    Prompt order as published: each template's two prompts in turn, the published answer
+    first ("When John and Mary ..., John" -> Mary), then the names' roles swapped."""
+    rows = []
+    for template, a, b, answer in IOI_EA_TEMPLATES:
+        other = b if answer == a else a
+        for io, s in ((answer, other), (other, answer)):
+            rows.append((template, io, s, "ABBA" if io == a else "BABA"))
+    return _ioi_prompt_family("ioi_ea", rows)
+
+
+IOI_NAMES = [("Mary", "John"), ("Tom", "James"), ("Dan", "Sid"), ("Martin", "Amy"),
+             ("Sarah", "David"), ("Paul", "Lisa"), ("Anna", "Mark"), ("Kate", "Peter")]
+
+
+def gpt2_ioi(order: str) -> PromptFamily:
+    """The four EA templates over eight name pairs, one order (ABBA or BABA): 32 prompts."""
+    rows = [(t, io, s, order) for t, *_ in IOI_EA_TEMPLATES for io, s in IOI_NAMES]
+    return _ioi_prompt_family(f"ioi_{order.lower()}", rows)
+
+
+RECALL_FIRST = ["Michelle", "John", "Mary", "David", "Sarah", "James"]
+RECALL_SURNAMES = [("Jones", "Smith"), ("Brown", "Wilson"), ("Taylor", "Davis"),
+                   ("Miller", "Moore"), ("Johnson", "Williams"), ("Clark", "Lewis")]
+RECALL_TEMPLATES = ["{F} {L} was a top-notch student. {F2}", "{F} {L} was a great teacher. {F2}"]
+
+
+def gpt2_name_recall_michelle() -> PromptFamily:
+    """The course exercise's single prompt, no BOS (its published probabilities are without)."""
+    return PromptFamily.from_template(
+        "recall_michelle", RECALL_TEMPLATES[0], [{"F": "Michelle", "L": "Jones", "F2": "Michelle"}],
+        lambda f: {**f, "L": "Smith"}, " {L}", " Smith", prepend_bos=False,
+    )
+
+
+def gpt2_name_recall() -> PromptFamily:
+    """Name recall over first names, surname pairs and two templates, no BOS."""
+    fills = [{"F": f, "L": a, "F2": f, "B": b} for f in RECALL_FIRST for a, b in RECALL_SURNAMES]
+    return PromptFamily.from_template(
+        "recall", RECALL_TEMPLATES, fills, lambda f: {**f, "L": f["B"]}, " {L}", " {B}",
+        prepend_bos=False,
+    )
+
+
+CONTRACTION_PAIRINGS = [("'re", "they"), ("'re", "he"), ("'re", "she"), ("'s", "we"),
+                        ("'s", "they"), ("'s", "he"), ("'s", "she")]
+CONTRACTION_TEMPLATES = ["We{C} helping our friend while {P}", "You{C} going to the store as {P}"]
+
+
+def gpt2_contraction(contraction: str, pronoun: str) -> PromptFamily:
+    """An earlier contraction and a later pronoun: the next token copies the contracted form.
+    Corrupted: the earlier verb uncontracted (`` are``/`` is``), the same token count."""
+    full = {"'re": " are", "'s": " is"}[contraction]
+    fills = [{"C": contraction, "P": pronoun}]
+    return PromptFamily.from_template(
+        f"contraction_{contraction.strip(chr(39))}_{pronoun}", CONTRACTION_TEMPLATES, fills,
+        lambda f: {**f, "C": full}, contraction, full, prepend_bos=True,
+    )
+
+
+GENDERED = [("king", "queen"), ("man", "woman"), ("father", "mother"), ("boy", "girl"),
+            ("brother", "sister"), ("husband", "wife"), ("uncle", "aunt"), ("son", "daughter")]
+GENDER_TEMPLATES = ["The {N} said that", "Yesterday the {N} told us that"]
+
+
+def gpt2_gender() -> PromptFamily:
+    """Male-noun prompts (answer `` he``) corrupted to the female noun (answer `` she``)."""
+    fills = [{"N": m, "F": f} for m, f in GENDERED]
+    return PromptFamily.from_template(
+        "gender", GENDER_TEMPLATES, fills, lambda f: {**f, "N": f["F"]}, " he", " she",
+    )

@@ -1,0 +1,383 @@
+"""The analyses that find each organism's mechanism, reusable by tests and claims.
+
+``python -m mechtests.organisms.analysis <organism> [--dir DIR]`` runs them on a checkpoint and
+writes ``findings.json`` and ``FINDINGS.md`` beside it (plus the bigram embedding plot).
+
+Models are ``TransformerBridge``s in compatibility mode (``mechtests.models.load_model``); the
+accuracy and bigram-fit functions also take a raw Hugging Face ``GPT2LMHeadModel`` that carries
+a ``tokenizer`` attribute (the training recipe uses them that way). Heads are named ``"L.H"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechtests.organisms import language as lang
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _vocab(model) -> dict[str, int]:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("the model has no tokenizer attribute; load it with load_model")
+    return tok.get_vocab()
+
+
+def to_tokens(model, texts: Sequence[str]) -> torch.Tensor:
+    """``<bos>`` + word ids, [n, T]; all texts must have the same word count."""
+    ids = _vocab(model)
+    rows = []
+    for t in texts:
+        try:
+            rows.append([ids["<bos>"]] + [ids[w] for w in t.split()])
+        except KeyError as exc:
+            raise ValueError(f"word {exc} of {t!r} is not in the model's vocabulary") from None
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError("texts of one batch need the same word count (group by template)")
+    return torch.tensor(rows)
+
+
+def word_ids(model, words: Sequence[str]) -> torch.Tensor:
+    ids = _vocab(model)
+    return torch.tensor([ids[w.strip()] for w in words])
+
+
+@torch.no_grad()
+def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    out = model(tokens)
+    return getattr(out, "logits", out)
+
+
+def by_template(items: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Group prompts so each group has one word count (one batch)."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for d in items:
+        groups.setdefault((d["template"], len(d["clean"].split())), []).append(d)
+    return list(groups.values())
+
+
+def _prompts(task: str, n: int, seed: int, split: str, **kw: Any) -> list[dict[str, Any]]:
+    if task == "repeat":
+        kw.setdefault("length", 8)
+    return lang.prompts(task, n, seed, split=split, **kw)
+
+
+def task_accuracy(model, task: str, n: int = 200, seed: int = 0, split: str = "test",
+                  **kw: Any) -> float:
+    """Fraction of prompts whose top next-word prediction at END is the answer."""
+    items = _prompts(task, n, seed, split, **kw)
+    hits = 0
+    for group in by_template(items):
+        lg = logits_of(model, to_tokens(model, [d["clean"] for d in group]))[:, -1]
+        hits += int((lg.argmax(-1) == word_ids(model, [d["answer"] for d in group])).sum())
+    return hits / len(items)
+
+
+def task_logit_diff(model, task: str, n: int = 200, seed: int = 0, split: str = "test",
+                    **kw: Any) -> float:
+    """Mean logit(answer) - logit(counterfactual) at END."""
+    items = _prompts(task, n, seed, split, **kw)
+    total = 0.0
+    for group in by_template(items):
+        lg = logits_of(model, to_tokens(model, [d["clean"] for d in group]))[:, -1]
+        a = word_ids(model, [d["answer"] for d in group])
+        c = word_ids(model, [d["counterfactual"] for d in group])
+        total += float((lg.gather(1, a[:, None]) - lg.gather(1, c[:, None])).sum())
+    return total / len(items)
+
+
+def _head_label(layer: int, head: int) -> str:
+    return f"{layer}.{head}"
+
+
+def _ranked(scores: torch.Tensor, threshold: float | None = None, k: int | None = None,
+            ) -> list[tuple[str, float]]:
+    """Heads sorted by score: ``[("1.3", 0.93), ...]``, above ``threshold`` / top ``k``."""
+    L, H = scores.shape
+    out = sorted(((_head_label(la, h), float(scores[la, h])) for la in range(L) for h in range(H)),
+                 key=lambda x: -x[1])
+    if threshold is not None:
+        out = [x for x in out if x[1] > threshold]
+    return out[:k] if k else out
+
+
+# ---------------------------------------------------------------------------------------------
+# attention-pattern scores (previous-token, induction)
+
+
+def _patterns(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Attention patterns [layer, batch, head, query, key]."""
+    names = [f"blocks.{la}.attn.hook_pattern" for la in range(model.cfg.n_layers)]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return torch.stack([cache[n] for n in names])
+
+
+def random_tokens(model, n: int, length: int, seed: int = 0, repeat: bool = False,
+                  ) -> torch.Tensor:
+    """``<bos>`` + ``length`` distinct random content words (twice if ``repeat``), [n, T]."""
+    items = lang.repeat_prompts(n, seed, length=length)
+    texts = [d["full"] if repeat else " ".join(d["full"].split()[:length]) for d in items]
+    return to_tokens(model, texts)
+
+
+def prev_token_scores(model, n: int = 50, length: int = 20, seed: int = 0) -> torch.Tensor:
+    """[layer, head]: mean attention from each word to the word before it (random words)."""
+    pat = _patterns(model, random_tokens(model, n, length, seed))
+    q = torch.arange(2, length + 1)
+    return pat[:, :, :, q, q - 1].mean(dim=(1, 3))
+
+
+def induction_scores(model, n: int = 50, length: int = 10, seed: int = 0) -> torch.Tensor:
+    """[layer, head]: mean attention, in the second copy of a repeated random segment, from each
+    word to the word after its first occurrence (the induction target)."""
+    pat = _patterns(model, random_tokens(model, n, length, seed, repeat=True))
+    q = torch.arange(length + 1, 2 * length + 1)
+    return pat[:, :, :, q, q - length + 1].mean(dim=(1, 3))
+
+
+def find_prev_token_heads(model, threshold: float = 0.5) -> list[tuple[str, float]]:
+    return _ranked(prev_token_scores(model), threshold)
+
+
+def find_induction_heads(model, threshold: float = 0.5) -> list[tuple[str, float]]:
+    return _ranked(induction_scores(model), threshold)
+
+
+def _z_hooks(ablate: Sequence[str]) -> list[tuple[str, Callable]]:
+    """Hooks zeroing the output (z) of heads ``"L.H"``."""
+    by_layer: dict[int, list[int]] = {}
+    for head in ablate:
+        la, h = (int(x) for x in head.split("."))
+        by_layer.setdefault(la, []).append(h)
+
+    def make(hs: list[int]):
+        def hook(z, hook=None):
+            z = z.clone()
+            z[:, :, hs] = 0.0
+            return z
+        return hook
+
+    return [(f"blocks.{la}.attn.hook_z", make(hs)) for la, hs in by_layer.items()]
+
+
+@torch.no_grad()
+def repeat_loss(model, n: int = 100, length: int = 10, seed: int = 0,
+                ablate: Sequence[str] = ()) -> dict[str, float]:
+    """Mean next-word loss on the first and on the second (repeated) copy of random segments,
+    optionally with heads zero-ablated."""
+    tokens = random_tokens(model, n, length, seed, repeat=True)
+    if ablate:
+        logits = model.run_with_hooks(tokens, fwd_hooks=_z_hooks(ablate))
+    else:
+        logits = logits_of(model, tokens)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:],
+                                            reduction="none")
+    # prediction at index i is for token i+1; token 1..L first copy, L+1..2L second
+    first = nll[:, 1:length].mean()  # skip predicting the very first word from <bos>
+    second = nll[:, length:].mean()
+    return {"first_half": float(first), "second_half": float(second)}
+
+
+# ---------------------------------------------------------------------------------------------
+# attribution and patching on a family of prompts (one template, equal lengths)
+
+
+@torch.no_grad()
+def head_dla(model, items: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """[layer, head]: each head's direct contribution at END to logit(answer) - logit(cf),
+    through the final LayerNorm's scale (compat mode: folded, centred unembedding)."""
+    tokens = to_tokens(model, [d["clean"] for d in items])
+    direction = (model.W_U[:, word_ids(model, [d["answer"] for d in items])]
+                 - model.W_U[:, word_ids(model, [d["counterfactual"] for d in items])]).T
+    names = [f"blocks.{la}.attn.hook_z" for la in range(model.cfg.n_layers)]
+    _, cache = model.run_with_cache(
+        tokens, names_filter=lambda n: n in names or n == "ln_final.hook_scale")
+    scale = cache["ln_final.hook_scale"][:, -1]  # [b, 1]
+    out = []
+    for la, name in enumerate(names):
+        z = cache[name][:, -1]  # [b, H, d_head]
+        head_out = torch.einsum("bhe,hed->bhd", z, model.W_O[la]) / scale[:, :, None]
+        out.append(torch.einsum("bhd,bd->bh", head_out, direction).mean(0))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def attention_to(model, items: Sequence[dict[str, Any]], position: str) -> torch.Tensor:
+    """[layer, head]: mean attention from END to the named word position (+1 for <bos>)."""
+    tokens = to_tokens(model, [d["clean"] for d in items])
+    pat = _patterns(model, tokens)
+    k = torch.tensor([d["positions"][position] + 1 for d in items])
+    return pat[:, torch.arange(len(items)), :, -1, k].mean(1)
+
+
+def _logit_diff(logits: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    lg = logits[:, -1]
+    return (lg.gather(1, a[:, None]) - lg.gather(1, c[:, None]))[:, 0]
+
+
+@torch.no_grad()
+def head_patching(model, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Patch each head's output (z, all positions) from the clean run into the corrupted run.
+
+    Returns ``{"clean", "corrupted"}`` mean logit diffs and ``"restored"`` [layer, head]:
+    (patched - corrupted) / (clean - corrupted), 1 = the head alone restores the behaviour.
+    """
+    clean = to_tokens(model, [d["clean"] for d in items])
+    bad = to_tokens(model, [d["corrupted"] for d in items])
+    a = word_ids(model, [d["answer"] for d in items])
+    c = word_ids(model, [d["counterfactual"] for d in items])
+    names = [f"blocks.{la}.attn.hook_z" for la in range(model.cfg.n_layers)]
+    clean_logits, cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
+    ld_clean = float(_logit_diff(clean_logits, a, c).mean())
+    ld_bad = float(_logit_diff(logits_of(model, bad), a, c).mean())
+    out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    for la, name in enumerate(names):
+        for h in range(model.cfg.n_heads):
+            def hook(z, hook=None, h=h, name=name):
+                z = z.clone()
+                z[:, :, h] = cache[name][:, :, h]
+                return z
+            lg = model.run_with_hooks(bad, fwd_hooks=[(name, hook)])
+            out[la, h] = float(_logit_diff(lg, a, c).mean())
+    return {"clean": ld_clean, "corrupted": ld_bad,
+            "restored": (out - ld_bad) / (ld_clean - ld_bad)}
+
+
+@torch.no_grad()
+def resid_patching(model, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Patch ``resid_pre`` of each layer (and the final ``resid_post``) at each position from
+    clean into corrupted. ``"restored"`` [n_layers + 1, T] as in ``head_patching``."""
+    clean = to_tokens(model, [d["clean"] for d in items])
+    bad = to_tokens(model, [d["corrupted"] for d in items])
+    a = word_ids(model, [d["answer"] for d in items])
+    c = word_ids(model, [d["counterfactual"] for d in items])
+    L = model.cfg.n_layers
+    names = [f"blocks.{la}.hook_resid_pre" for la in range(L)] + [f"blocks.{L-1}.hook_resid_post"]
+    clean_logits, cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
+    ld_clean = float(_logit_diff(clean_logits, a, c).mean())
+    ld_bad = float(_logit_diff(logits_of(model, bad), a, c).mean())
+    T = clean.shape[1]
+    out = torch.zeros(L + 1, T)
+    for i, name in enumerate(names):
+        for p in range(T):
+            def hook(x, hook=None, p=p, name=name):
+                x = x.clone()
+                x[:, p] = cache[name][:, p]
+                return x
+            out[i, p] = float(_logit_diff(model.run_with_hooks(bad, fwd_hooks=[(name, hook)]),
+                                          a, c).mean())
+    return {"clean": ld_clean, "corrupted": ld_bad,
+            "restored": (out - ld_bad) / (ld_clean - ld_bad),
+            "words": ["<bos>", *items[0]["clean"].split()]}
+
+
+# ---------------------------------------------------------------------------------------------
+# bigram
+
+
+def _bigram_weights(length: int = 64) -> torch.Tensor:
+    """How often each word is the current word in training documents (from <bos>, 63 steps)."""
+    P = lang.bigram_table()
+    dist = torch.zeros(P.shape[0], dtype=torch.float64)
+    dist[0] = 1.0
+    total = torch.zeros_like(dist)
+    for _ in range(length - 1):
+        total += dist
+        dist = dist @ P
+    return total / total.sum()
+
+
+@torch.no_grad()
+def bigram_model_table(model) -> torch.Tensor:
+    """The model's next-word distribution after each word alone, [d_vocab, d_vocab]."""
+    V = len(lang.bigram_vocab())
+    return logits_of(model, torch.arange(V)[:, None])[:, 0].double().softmax(-1)
+
+
+@torch.no_grad()
+def bigram_fit(model) -> dict[str, float]:
+    """How well the model recovers the bigram table.
+
+    ``kl``: KL(true row || model row) in nats, weighted by how often the word occurs (= the
+    model's excess loss over the language's entropy rate, ``entropy_rate``). ``corr``: mean
+    Pearson correlation of model and true rows. ``top1``: weighted fraction of words whose most
+    likely successor is right. ``logit_corr`` (bridge only): mean Pearson correlation of the
+    rows of ``W_E @ W_U`` with log P over the successors the language allows; in this 0-layer
+    model ``softmax(W_E W_U / rms(W_E row))`` *is* the model (positions and ln_f bias are 0).
+    """
+    P = lang.bigram_table()
+    Q = bigram_model_table(model)
+    w = _bigram_weights()
+    rows = w > 0
+    kl = (P * (P.clamp_min(1e-30).log() - Q.log())).sum(-1)
+    ent = -(P * P.clamp_min(1e-30).log()).sum(-1)
+    pc = P - P.mean(-1, keepdim=True)
+    qc = Q - Q.mean(-1, keepdim=True)
+    corr = (pc * qc).sum(-1) / (pc.norm(dim=-1) * qc.norm(dim=-1))
+    out = {
+        "kl": float((w * kl)[rows].sum()),
+        "entropy_rate": float((w * ent)[rows].sum()),
+        "corr": float(corr[rows].mean()),
+        "top1": float((w * (P.argmax(-1) == Q.argmax(-1)).double())[rows].sum()),
+    }
+    if hasattr(model, "W_E") and hasattr(model, "W_U"):
+        direct = (model.W_E @ model.W_U).double()
+        cs = []
+        for i in torch.nonzero(rows)[:, 0]:
+            ok = P[i] > 0
+            x, y = direct[i, ok], P[i, ok].log()
+            x, y = x - x.mean(), y - y.mean()
+            cs.append(float((x * y).sum() / (x.norm() * y.norm())))
+        out["logit_corr"] = sum(cs) / len(cs)
+    return out
+
+
+@torch.no_grad()
+def bigram_embedding_classes(model, path: str | Path | None = None) -> dict[str, float]:
+    """PCA of the word embeddings (W_E rows); how well the word classes separate.
+
+    ``centroid_acc_2d``: fraction of words nearer their own class centroid than any other in
+    the 2-D projection (``centroid_acc``: in the full space). Saves the scatter plot to ``path``.
+    """
+    words = lang.bigram_vocab()
+    cls = lang.bigram_word_class()
+    keep = [i for i, w in enumerate(words) if w not in lang.SPECIALS]
+    E = model.W_E[keep].double()
+    E = E - E.mean(0)
+    _, _, V = torch.linalg.svd(E, full_matrices=False)
+    xy = E @ V[:2].T
+    labels = [cls[words[i]] for i in keep]
+    names = list(dict.fromkeys(labels))
+
+    def centroid_acc(X: torch.Tensor) -> float:
+        cents = torch.stack([X[[j for j, lab in enumerate(labels) if lab == c]].mean(0)
+                             for c in names])
+        pred = torch.cdist(X, cents).argmin(-1)
+        return float(sum(names[int(p)] == lab for p, lab in zip(pred, labels)) / len(labels))
+
+    if path is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 6))
+        for c in names:
+            idx = [j for j, lab in enumerate(labels) if lab == c]
+            ax.scatter(xy[idx, 0], xy[idx, 1], s=14, label=c)
+            for j in idx[:4]:
+                ax.annotate(words[keep[j]], xy[j].tolist(), fontsize=6)
+        ax.legend(fontsize=7)
+        ax.set_title("bigram organism: W_E, first two principal components")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+    return {"centroid_acc_2d": centroid_acc(xy), "centroid_acc": centroid_acc(E)}
