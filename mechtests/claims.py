@@ -56,7 +56,7 @@ def holds(measured: float, op: str, threshold: float, what: str, why: str,
     which threshold and why that threshold, plus any context (expected vs found components)."""
     ok = OPS[op](measured, threshold)
     if record is not None:
-        record.measured(what, measured, op, threshold, held=bool(ok))
+        record.measured(measured, threshold, op, what)
     if not ok:
         extra = "".join(f"\n  {k}: {_fmt(v)}" for k, v in context.items())
         raise AssertionError(
@@ -69,8 +69,8 @@ def holds_set(found: Sequence[str], expected: Sequence[str], what: str, why: str
     """Assert that every expected component is among those found (e.g. the top-k heads)."""
     missing = [c for c in expected if c not in found]
     if record is not None:
-        record.measured(what, len(expected) - len(missing), ">=", len(expected),
-                        held=not missing, expected=list(expected), found=list(found))
+        record.measured(len(expected) - len(missing), len(expected), ">=",
+                        f"{what}: expected {list(expected)} among {list(found)}")
     if missing:
         extra = "".join(f"\n  {k}: {_fmt(v)}" for k, v in context.items())
         raise AssertionError(

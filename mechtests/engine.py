@@ -127,7 +127,8 @@ class Engine:
     # -- public ------------------------------------------------------------------------------
     def run(self, tokens: torch.Tensor, sites: Iterable[str] = (),
             logits_at: int | slice | None = None,
-            edits: Mapping[str, Edit] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            edits: Mapping[str, Edit] | None = None,
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits and the requested activations (TL hook names as keys, TL shapes).
 
         ``logits_at``: None gives ``[b, T, d_vocab]``, an int ``[b, d_vocab]`` at that position,

@@ -29,14 +29,18 @@ KINDS = ("previous_token", "duplicate_token", "induction")
 
 
 def repeated_random_tokens(n_tokens: int, batch: int = 4, seed: int = 0,
-                           vocab_range: tuple[int, int] = (1, 50257), bos: int | None = None
+                           vocab_range: tuple[int, int] | None = None, bos: int | None = None
                            ) -> torch.Tensor:
     """[batch, (1 +) 2 * n_tokens]: a random sequence, then the same sequence again.
 
     Tokens are drawn from ``range(*vocab_range)`` with a seeded generator, without repeats inside
     a half when the range is large enough (so every second-half token has exactly one earlier
-    copy). ``bos`` (if given) is prepended. Keep special tokens out of ``vocab_range``.
+    copy). ``bos`` (if given) is prepended. Keep special tokens out of ``vocab_range``
+    (``induction_scores`` picks it from the model's tokenizer).
     """
+    if vocab_range is None:
+        raise ValueError("repeated_random_tokens needs vocab_range=(lo, hi) without special "
+                         "tokens, e.g. (0, 50256) for GPT-2; induction_scores(model) picks it")
     lo, hi = vocab_range
     if n_tokens < 1 or batch < 1 or hi <= lo:
         raise ValueError(f"repeated_random_tokens: need n_tokens >= 1, batch >= 1 and a "
@@ -103,8 +107,8 @@ def head_scores(model: Any, tokens: Tokens, kind: str, exclude_bos: bool = False
     else:
         rows = det.sum(-1) > 0                                                 # [n,1,1,T]
         if not rows.any():
-            raise ValueError(f"no query position has a {kind} target in these prompts; use "
-                             f"repeated tokens (repeated_random_tokens)")
+            raise ValueError(f"no query position has a target for {kind!r} in these prompts; "
+                             f"use repeated tokens (repeated_random_tokens)")
         ratio = torch.where(rows, hit / mass.clamp_min(1e-30), torch.zeros_like(hit))
         per = ratio.sum(-1) / rows.sum(-1).clamp_min(1)
     labels = {"layer": _labels(model.cfg.n_layers), "head": _labels(model.cfg.n_heads)}

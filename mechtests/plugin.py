@@ -17,6 +17,9 @@ import torch
 
 from mechtests.models import ModelUnavailable, describe, load_model
 
+# heatmap snapshots (syrupy extension) and the claims x checkpoints report
+pytest_plugins = ["mechtests.snapshot", "mechtests.report"]
+
 _LOADED: dict[tuple[str, str, str], Any] = {}
 
 

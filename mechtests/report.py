@@ -64,6 +64,7 @@ class Record:
 
     def check(self, value: Any, threshold: float, op: str = ">=", what: str = "") -> None:
         """``measured``, then fail the test with the numbers if it does not hold."""
+        __tracebackhide__ = True
         if not self.measured(value, threshold, op, what):
             raise AssertionError(f"{what or 'measured value'} = {float(value):.4g}, "
                                  f"needs {op} {float(threshold):.4g}")
@@ -253,14 +254,18 @@ class ReportPlugin:
 
     def settings(self, exitstatus: int) -> dict[str, Any]:
         cfg = self.config
-        subjects = [r.subject for r in self.results.values() if r.subject]
+        results = list(self.results.values())
+        models = _ordered_models(results, cfg.getoption("--model", None))
+        subjects = {r.model: r.subject for r in results if r.subject and r.model}
         return {
             "date": self.started.isoformat(timespec="seconds"),
             "duration_s": round((dt.datetime.now().astimezone() - self.started).total_seconds(), 1),
             "command": shlex.join(["pytest", *cfg.invocation_params.args]),
-            "models": _ordered_models(list(self.results.values()), cfg.getoption("--model", None)),
+            "models": models,
             "device": cfg.getoption("--device", None) or "default (cuda if available, else cpu)",
-            "devices_used": sorted({s["device"] for s in subjects if "device" in s}),
+            "devices_used": sorted({s["device"] for s in subjects.values() if "device" in s}),
+            "subjects": {m: ", ".join(str(subjects[m][k]) for k in ("shape", "device", "dtype")
+                                      if k in subjects[m]) for m in models if m in subjects},
             "dtype": cfg.getoption("--dtype", None),
             "seed": cfg.getoption("--seed", None),
             "xdist_workers": cfg.getoption("numprocesses", None),
@@ -342,6 +347,13 @@ def _draw(data: dict[str, Any], images: Path) -> None:
 
     used: set[str] = set()
     for claim in data["claims"]:
+        lims: dict[str, float] = {}  # one colour scale per heatmap title across the models
+        for cell in claim["cells"].values():
+            for test in cell["tests"]:
+                for heat in test["heatmaps"]:
+                    lim = max((abs(v) for v in _flat(heat["result"]["values"])
+                               if math.isfinite(v)), default=0.0)
+                    lims[heat["title"]] = max(lims.get(heat["title"], 0.0), lim)
         for model, cell in claim["cells"].items():
             for test in cell["tests"]:
                 for i, heat in enumerate(test["heatmaps"]):
@@ -356,9 +368,17 @@ def _draw(data: dict[str, Any], images: Path) -> None:
                         name += f"-{i}"
                     used.add(name)
                     fig = result.heatmap(title=f"{model}: {heat['title']}")
+                    lim = lims[heat["title"]] or 1.0
+                    fig.axes[0].images[0].set_clim(-lim, lim)
                     fig.savefig(images / f"{name}.png", dpi=80)
                     plt.close(fig)
                     heat["image"] = f"images/{name}.png"
+
+
+def _flat(values: Any) -> list[float]:
+    if isinstance(values, list):
+        return [x for v in values for x in _flat(v)]
+    return [float("nan") if values is None else float(values)]
 
 
 def _heat_rows(claim: dict[str, Any], models: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -387,6 +407,19 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _short(text: str, n: int = 120) -> str:
+    """Table cells stay short; the claim's section below has the full text."""
+    return text if len(text) <= n else text[: n - 1].rstrip() + "…"
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_setting(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
 def render_md(data: dict[str, Any]) -> str:
     s, models = data["settings"], data["models"]
     out = [f"# mechtests report: {s['date']}", "", "## What held", ""]
@@ -396,15 +429,13 @@ def render_md(data: dict[str, Any]) -> str:
         cells = []
         for m in models:
             cell = claim["cells"].get(m)
-            cells.append("n/a" if cell is None else
-                         _md_cell(cell["outcome"] + (f": {cell['text']}" if cell["text"] else "")))
+            text = f": {_short(cell['text'])}" if cell and cell["text"] else ""
+            cells.append("n/a" if cell is None else _md_cell(cell["outcome"] + text))
         out.append(f"| {_md_cell(claim['id'])} | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{n} {o}" for o, n in data["counts"].items() if n)
     out += ["", f"Tests: {counts}.", "", "## Settings", ""]
     for key, value in s.items():
-        if key == "versions":
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
-        out.append(f"- {key}: `{value}`")
+        out.append(f"- {key}: `{_setting(value)}`")
     for claim in data["claims"]:
         out += ["", f"## {claim['id']}", ""]
         if claim["source"]:
@@ -452,16 +483,14 @@ def render_html(data: dict[str, Any], images: Path) -> str:
             if cell is None:
                 out.append("<td>n/a</td>")
             else:
-                text = f": {e(cell['text'])}" if cell["text"] else ""
+                text = f": {e(_short(cell['text']))}" if cell["text"] else ""
                 out.append(f"<td class='{cell['outcome']}'><b>{cell['outcome']}</b>{text}</td>")
         out.append("</tr>")
     out.append("</table>")
     counts = ", ".join(f"{n} {o}" for o, n in data["counts"].items() if n)
     out.append(f"<p>Tests: {e(counts)}.</p><h2>Settings</h2><table>")
     for key, value in s.items():
-        if key == "versions":
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
-        out.append(f"<tr><th>{e(key)}</th><td><code>{e(str(value))}</code></td></tr>")
+        out.append(f"<tr><th>{e(key)}</th><td><code>{e(_setting(value))}</code></td></tr>")
     out.append("</table>")
     for claim in data["claims"]:
         out.append(f"<h2 id='{e(_slug(claim['id']))}'>{e(claim['id'])}</h2>")

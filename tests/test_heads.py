@@ -31,6 +31,8 @@ def test_repeated_random_tokens_are_seeded_repeats():
     assert not torch.equal(a, Hd.repeated_random_tokens(5, 4, 4, (10, 30), bos=1))
     big = Hd.repeated_random_tokens(8, batch=2, seed=0, vocab_range=(0, 3))   # with repeats
     assert big.shape == (2, 16) and big.max() < 3
+    with pytest.raises(ValueError, match=r"needs vocab_range=\(lo, hi\)"):
+        Hd.repeated_random_tokens(4)
     with pytest.raises(ValueError, match="non-empty vocab_range"):
         Hd.repeated_random_tokens(4, vocab_range=(5, 5))
 
@@ -77,7 +79,7 @@ def test_target_row_scores_are_stripe_means(model, rep):
     assert (tl_style.per_prompt - stripe.sum(-1) / 13).abs().max() < 1e-5
     with pytest.raises(ValueError, match="over='rows'"):
         Hd.head_scores(model, rep, "induction", over="rows")
-    with pytest.raises(ValueError, match="no query position has a induction target"):
+    with pytest.raises(ValueError, match="no query position has a target for 'induction'"):
         Hd.head_scores(model, torch.arange(2, 9)[None], "induction", over="targets")
 
 

@@ -353,14 +353,16 @@ def gender_prompts(n: int, seed: int = 0, template: int | None = None, gender: s
 
 
 def repeat_prompts(n: int, seed: int = 0, length: int = 8, words: Sequence[str] | None = None,
-                   split: str = "all") -> list[dict[str, Any]]:
-    """Repeated random segments: ``w1 .. wL w1 .. w(L-1)`` -> wL (induction).
+                   split: str = "all", prefix: int = 0) -> list[dict[str, Any]]:
+    """Repeated random segments: ``[p1 .. pk] w1 .. wL w1 .. w(L-1)`` -> wL (induction).
 
     Words are drawn without replacement from ``words`` (default: ``content_words()``), so each
-    token's earlier occurrence is unique. Corruption: the first copy replaced by fresh words
-    (nothing to copy from). Counterfactual: a word absent from both. Positions FIRST (wL's
-    first occurrence), END. ``full`` holds the whole ``seg seg`` text for loss measurements.
-    ``split`` is accepted for a uniform interface: random segments are fresh in every split.
+    token's earlier occurrence is unique; ``prefix`` random words come first (training uses a
+    random prefix so that only content, not position, finds the earlier copy). Corruption: the
+    first copy replaced by fresh words (nothing to copy from). Counterfactual: a word absent
+    from both. Positions FIRST (wL's first occurrence), END. ``full`` holds the whole
+    ``prefix seg seg`` text for loss measurements. ``split`` is accepted for a uniform
+    interface: random segments are fresh in every split.
     """
     if length < 2:
         raise ValueError(f"length {length}: a repeated segment needs at least 2 words")
@@ -368,15 +370,16 @@ def repeat_prompts(n: int, seed: int = 0, length: int = 8, words: Sequence[str] 
     pool = list(words or content_words())
     out = []
     for _ in range(n):
-        w = rng.sample(pool, 2 * length + 1)
-        seg, fresh, cf = w[:length], w[length:2 * length], w[-1]
-        clean = " ".join(seg + seg[:-1])
-        corrupted = " ".join(fresh + seg[:-1])
+        w = rng.sample(pool, prefix + 2 * length + 1)
+        pre, seg, fresh, cf = w[:prefix], w[prefix:prefix + length], w[prefix + length:-1], w[-1]
+        clean = " ".join(pre + seg + seg[:-1])
+        corrupted = " ".join(pre + fresh + seg[:-1])
+        first = prefix + length - 1
         out.append(_with_end(dict(
-            task="repeat", template=length, clean=clean, corrupted=corrupted,
-            answer=" " + seg[-1], counterfactual=" " + cf, full=" ".join(seg + seg),
-            positions=dict(FIRST=length - 1),
-            marks=dict(FIRST=len(" ".join(seg[:-1])) + 1),
+            task="repeat", template=(prefix, length), clean=clean, corrupted=corrupted,
+            answer=" " + seg[-1], counterfactual=" " + cf, full=" ".join(pre + seg + seg),
+            positions=dict(FIRST=first),
+            marks=dict(FIRST=len(" ".join((pre + seg)[:first])) + (1 if first else 0)),
         )))
     return out
 

@@ -57,7 +57,7 @@ RECIPES = {
     "bigram": Recipe("bigram", n_layer=0, n_embd=64, n_head=1, n_inner=256, n_positions=64,
                      steps=1500, batch=64, lr=1e-2),
     "induction": Recipe("induction", n_layer=2, n_embd=64, n_head=4, n_inner=256, n_positions=48,
-                        steps=1500, batch=64, lr=3e-3, mix={"repeat": 1.0}),
+                        steps=1200, batch=64, lr=1e-3, mix={"repeat": 1.0}),
     "multitask": Recipe("multitask", n_layer=4, n_embd=128, n_head=4, n_inner=256,
                         n_positions=48, steps=3000, batch=64, lr=2e-3, answer_weight=3.0,
                         mix={"ioi": 0.3, "recall": 0.2, "contraction": 0.15, "gender": 0.15,
@@ -66,6 +66,7 @@ RECIPES = {
 BIGRAM_SEQ = 64
 INDUCTION_LENGTHS = (4, 16)  # segment lengths of the induction organism's documents
 MULTITASK_REPEAT_LENGTHS = (4, 10)
+REPEAT_MAX_PREFIX = 10  # random words before the first copy: position alone cannot find it
 
 
 class RecipeError(ValueError):
@@ -94,7 +95,7 @@ def make_model(r: Recipe, d_vocab: int):
     cfg = GPT2Config(vocab_size=d_vocab, n_positions=r.n_positions, n_embd=r.n_embd,
                      n_layer=r.n_layer, n_head=r.n_head, n_inner=r.n_inner,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                     bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
     if r.organism == "bigram":
         with torch.no_grad():
@@ -133,7 +134,8 @@ def batch_docs(r: Recipe, step: int) -> list[dict[str, Any]]:
         if task == "repeat":
             lo, hi = INDUCTION_LENGTHS if r.organism == "induction" else MULTITASK_REPEAT_LENGTHS
             for i in range(n):
-                docs += lang.repeat_prompts(1, seed * 64 + i, length=rng.randint(lo, hi))
+                docs += lang.repeat_prompts(1, seed * 64 + i, length=rng.randint(lo, hi),
+                                            prefix=rng.randint(0, REPEAT_MAX_PREFIX))
         else:
             docs += lang.prompts(task, n, seed, split="train")
     return docs

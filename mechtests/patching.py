@@ -1,0 +1,725 @@
+"""Exact activation patching, ablation, path patching and attribution patching, batched.
+
+Everything goes through one core (:func:`_patch_core`). A *patch* is a change to the residual
+stream at one *stage* of the forward (a layer's attention input or MLP input), from a first
+changed position ``p0`` on; every site reduces to that:
+
+* resid_pre / resid_mid / resid_post, attn_out, mlp_out: the source activation minus the base
+  one, added where it enters the residual stream;
+* a head's z, q, k, v or pattern: the head's new output ``z'`` (recomputed from the patched
+  q, k, v or pattern with the base run's other inputs), as ``(z' - z) @ W_O`` at that layer's
+  MLP input;
+* an MLP neuron: ``(post' - post) * W_out[neuron]`` at the next layer's input.
+
+Patches that share ``p0`` run as one batch that grows as the forward reaches each patch's stage
+(layers that cannot change are never recomputed); positions before ``p0`` are never recomputed
+(their keys and values come from the base run's cache); the last layer and the unembedding run
+only at the read position; the batch is chunked to ``memory_budget_mb``.
+
+Conventions. ``direction="denoise"`` patches clean activations into the corrupted run (the
+result is the corrupted run's metric after the patch); ``"noise"`` patches corrupted into clean.
+The metric takes logits at the read position, ``(..., n_prompts, d_vocab)``, and returns
+``(..., n_prompts)``. Results have a per-prompt axis and ``meta["clean"]``,
+``meta["corrupted"]`` (metric means) so ``r.normalized(r.meta["clean"], r.meta["corrupted"])``
+gives restoration. Components are named ``"9.9"`` (layer 9 head 9), ``"attn9"`` / ``"mlp9"``
+(a layer's attention or MLP output), ``"mlp9.1234"`` (neuron 1234 of layer 9's MLP).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import groupby, product
+
+import torch
+
+from mechtests.engine import Ctx, Engine
+from mechtests.result import Result
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+
+# site -> (TL hook suffix, stage offset from 2*layer where its change enters the residual)
+RESID_SITES = {"resid_pre": ("hook_resid_pre", 0), "resid_mid": ("hook_resid_mid", 1),
+               "resid_post": ("hook_resid_post", 2), "attn_out": ("hook_attn_out", 1),
+               "mlp_out": ("hook_mlp_out", 2)}
+HEAD_SITES = {"z": "attn.hook_z", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v",
+              "pattern": "attn.hook_pattern"}
+NEURON_SITES = {"mlp_post": "mlp.hook_post"}
+SITES = (*RESID_SITES, *HEAD_SITES, *NEURON_SITES)
+_BY = {**{s: (("layer", "pos"), ("layer",)) for s in RESID_SITES},
+       **{s: (("layer", "head"), ("layer", "head", "pos")) for s in HEAD_SITES},
+       "mlp_post": (("layer", "neuron"),)}
+DEFAULT_BUDGET_MB = 256
+
+
+# -- checks -----------------------------------------------------------------------------------
+def _check_site(site: str) -> None:
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
+
+
+def _check_range(what: str, values: Iterable[int], n: int, hint: str = "") -> list[int]:
+    values = [int(v) for v in values]
+    bad = [v for v in values if not 0 <= v < n]
+    if bad:
+        raise ValueError(f"{what} {bad[0]} out of range: valid {what}s are 0..{n - 1}{hint}")
+    return values
+
+
+def _read_positions(read_pos, n: int, T: int, device) -> torch.Tensor:
+    """The read position per prompt, ``[n]`` in ``0..T-1`` (negative counts from the end)."""
+    rp = torch.as_tensor(read_pos, device=device).long().reshape(-1).expand(n)
+    if ((rp < -T) | (rp >= T)).any():
+        raise ValueError(f"read position {rp.tolist()} beyond the prompt: positions are "
+                         f"0..{T - 1} (or -{T}..-1)")
+    return rp % T
+
+
+def _call_metric(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
+    """Apply the metric, insisting on one value per prompt (per patch)."""
+    out = torch.as_tensor(metric(logits))
+    if tuple(out.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"the metric must return one value per prompt: given logits of shape "
+            f"{tuple(logits.shape)} (..., n_prompts, d_vocab) it returned shape "
+            f"{tuple(out.shape)}, expected {tuple(logits.shape[:-1])}. Reduce over the vocab "
+            "only, not over prompts (no .mean() over the batch).")
+    return out
+
+
+def _pair(engine: Engine, clean, corrupted) -> tuple[torch.Tensor, torch.Tensor]:
+    clean, corrupted = engine.check_tokens(clean), engine.check_tokens(corrupted)
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} "
+                         "tokens must have the same shape [n_prompts, T] (pad or re-template)")
+    return clean, corrupted
+
+
+def _pos_labels(engine: Engine, tokens: torch.Tensor) -> list[str]:
+    ids = tokens[0].tolist()
+    tok = getattr(engine.model, "tokenizer", None)
+    try:
+        words = tok.convert_ids_to_tokens(ids)
+    except Exception:  # no tokenizer: index only
+        words = [str(i) for i in ids]
+    return [f"{i} {w}" for i, w in enumerate(words)]
+
+
+# -- runs -------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """One unpatched run: its cache (TL names), read positions, final residual and metric."""
+
+    tokens: torch.Tensor
+    cache: dict[str, torch.Tensor]
+    rp: torch.Tensor
+    final: torch.Tensor  # [N, d] residual at the read position
+    metric: torch.Tensor  # [N]
+
+
+def _run(engine: Engine, tokens, want: Iterable[str], metric: Metric, rp) -> _Run:
+    ctx = Ctx(set(want))
+    x = engine.forward(engine.embed(tokens, ctx), 0, ctx=ctx)[:, 0]
+    final = x[torch.arange(len(x), device=x.device), rp]
+    return _Run(tokens, ctx.cache, rp, final, _call_metric(metric, engine.unembed(final)))
+
+
+def _stage_name(engine: Engine, stage: int) -> str:
+    layer, odd = divmod(stage, 2)
+    if layer == engine.n_layers:
+        return f"blocks.{layer - 1}.hook_resid_post"
+    return f"blocks.{layer}.hook_resid_{'mid' if odd else 'pre'}"
+
+
+# -- the core ---------------------------------------------------------------------------------
+@dataclass
+class _Patches:
+    """A family of patches: keys, and per key its stage and first changed position."""
+
+    keys: list[tuple]
+    stage: Callable[[tuple], int]
+    span: Callable[[tuple], tuple[int, int]]  # first and last position changed at entry
+    delta: Callable[[list[tuple], int], torch.Tensor]  # keys (one stage), p0 -> [N,P,T-p0,d]
+    want: set[str]  # base-run activations the deltas read
+
+
+def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
+                budget_mb: float, same_before: int = 0) -> torch.Tensor:
+    """The metric after each patch, ``[n_keys, n_prompts]``.
+
+    ``same_before``: the base and source runs agree at positions before it (their tokens do),
+    so a patch there changes nothing and a patch's window can start there.
+    """
+    N, T = base.tokens.shape
+    out = torch.empty(len(patches.keys), N, device=base.metric.device, dtype=base.metric.dtype)
+    p0_of = [max(patches.span(k)[0], same_before) for k in patches.keys]
+    noop = [i for i, k in enumerate(patches.keys) if patches.span(k)[1] < same_before]
+    out[noop] = base.metric
+    skip = set(noop)
+    order = sorted((i for i in range(len(patches.keys)) if i not in skip),
+                   key=lambda i: (p0_of[i], patches.stage(patches.keys[i])))
+    kv = [(base.cache.get(f"blocks.{lay}.attn.hook_k"), base.cache.get(f"blocks.{lay}.attn.hook_v"))
+          for lay in range(engine.n_layers)]
+    for p0, group in groupby(order, key=lambda i: p0_of[i]):
+        group = list(group)
+        live = base.rp >= p0  # prompts whose read position can see this patch
+        if not live.any():
+            out[group] = base.metric
+            continue
+        t = T - p0
+        per_patch = engine.W_E.element_size() * N * (
+            t * (8 * engine.d_model + 4 * engine.n_heads * T + 3 * engine.d_mlp)
+            + 3 * engine.d_vocab)
+        chunk = max(1, int(budget_mb * 2**20 // per_patch))
+        prefix = [(k[:, :p0], v[:, :p0]) if k is not None else None for k, v in kv]
+        for c in range(0, len(group), chunk):
+            part = group[c:c + chunk]
+            entries = {}
+            for stage, idx in groupby(part, key=lambda i: patches.stage(patches.keys[i])):
+                keys = [patches.keys[i] for i in idx]
+                resid = base.cache[_stage_name(engine, stage)][:, None, p0:]
+                entries[stage] = resid + patches.delta(keys, p0)
+            x = engine.forward(None, min(entries), p0=p0, prefix=prefix, entries=entries,
+                               read=base.rp - p0)[:, :, 0]  # [N, P, d]
+            x = torch.where(live[:, None, None], x, base.final[:, None])
+            out[part] = _call_metric(metric, engine.unembed(x).transpose(0, 1))
+    return out
+
+
+def _resid_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Patches:
+    """resid_pre/mid/post, attn_out, mlp_out at (layer, pos) or (layer,) = all positions."""
+    hook, off = RESID_SITES[site]
+    names = {lay: f"blocks.{lay}.{hook}" for lay in {k[0] for k in keys}}
+
+    def delta(ks, p0):
+        diff = torch.stack([src[names[k[0]]][:, p0:] - base.cache[names[k[0]]][:, p0:]
+                            for k in ks], 1)
+        return diff if len(ks[0]) == 1 else _first_row(diff)
+
+    T = base.tokens.shape[1]
+    want = set(names.values()) | {_stage_name(engine, 2 * k[0] + off) for k in keys}
+    return _Patches(keys, lambda k: 2 * k[0] + off,
+                    lambda k: (k[1], k[1]) if len(k) > 1 else (0, T - 1), delta, want)
+
+
+def _first_row(x: torch.Tensor) -> torch.Tensor:
+    """Zero all window positions but the first (a patch at position p0 only)."""
+    out = torch.zeros_like(x)
+    out[:, :, 0] = x[:, :, 0]
+    return out
+
+
+def _head_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Patches:
+    """A head's z, q, k, v or pattern, at all positions (layer, head) or (layer, head, pos)."""
+    b = base.cache
+    memo: dict[int, torch.Tensor] = {}
+
+    def name(lay, s):
+        return f"blocks.{lay}.{HEAD_SITES[s]}"
+
+    def new_z_all(lay):  # z of every head with this site patched at all positions [N,T,H,dh]
+        if lay not in memo:
+            q, k, v, pat = (b.get(name(lay, s)) for s in ("q", "k", "v", "pattern"))
+            if site == "z":
+                memo[lay] = src[name(lay, "z")]
+            elif site == "pattern":
+                memo[lay] = torch.einsum("nhqk,nkhe->nqhe", src[name(lay, "pattern")], v)
+            elif site == "v":
+                memo[lay] = torch.einsum("nhqk,nkhe->nqhe", pat, src[name(lay, "v")])
+            else:
+                q, k = (src[name(lay, "q")], k) if site == "q" else (q, src[name(lay, "k")])
+                memo[lay] = _attend(engine, q, k, v)
+        return memo[lay]
+
+    def delta(ks, p0):
+        lay = ks[0][0]
+        heads = torch.tensor([k[1] for k in ks], device=base.tokens.device)
+        z = b[name(lay, "z")][:, :, heads].transpose(1, 2)  # [N,P,T,dh]
+        if len(ks[0]) == 2 or site in ("z", "q", "pattern"):
+            dz = new_z_all(lay)[:, p0:, heads].transpose(1, 2) - z[:, :, p0:]
+            if len(ks[0]) == 3:  # by position: only row p0 changes
+                dz = _first_row(dz)
+        elif site == "v":  # queries >= p0 see the new value at p0 with the old weight
+            pat = b[name(lay, "pattern")][:, heads, p0:, p0]  # [N,P,t]
+            dv = (src[name(lay, "v")] - b[name(lay, "v")])[:, p0, heads]  # [N,P,dh]
+            dz = pat[..., None] * dv[:, :, None]
+        else:  # k at p0: column p0 of the scores changes for queries >= p0
+            q = b[name(lay, "q")][:, p0:, heads].transpose(1, 2)  # [N,P,t,dh]
+            kn = src[name(lay, "k")][:, p0, heads]  # [N,P,dh]
+            scores = b[f"blocks.{lay}.attn.hook_attn_scores"][:, heads, p0:].clone()
+            scores[..., p0] = (q * kn[:, :, None]).sum(-1) * engine.scale
+            v = b[name(lay, "v")][:, :, heads].transpose(1, 2)  # [N,P,T,dh]
+            dz = scores.softmax(-1) @ v - z[:, :, p0:]
+        return torch.einsum("npte,ped->nptd", dz, engine.W_O[lay, heads])
+
+    layers = {k[0] for k in keys}
+    need = {"z": ("z",), "q": ("k", "v"), "k": ("q", "v", "attn_scores", "pattern"),
+            "v": ("v", "pattern"), "pattern": ("v",)}[site]
+    want = {name(lay, "z") for lay in layers} | {_stage_name(engine, 2 * lay + 1)
+                                                  for lay in layers}
+    want |= {f"blocks.{lay}.attn.hook_{s}" for lay in layers for s in need}
+    T = base.tokens.shape[1]
+    return _Patches(keys, lambda k: 2 * k[0] + 1,
+                    lambda k: (k[2], k[2]) if len(k) == 3 else (0, T - 1), delta, want)
+
+
+def _attend(engine: Engine, q, k, v) -> torch.Tensor:
+    """Causal attention of TL-shaped q, k, v ``[N,T,H,dh]`` -> z ``[N,T,H,dh]``."""
+    T = q.shape[1]
+    s = torch.einsum("nqhe,nkhe->nhqk", q, k) * engine.scale
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.einsum("nhqk,nkhe->nqhe", s.softmax(-1), v)
+
+
+def _neuron_patches(engine: Engine, keys, positions: list[int], base: _Run,
+                    src: dict) -> _Patches:
+    """MLP neurons (layer, neuron) at the given positions, entering at the next layer."""
+    def delta(ks, p0):
+        pos = torch.tensor([p for p in positions if p >= p0], device=base.tokens.device)
+        lay = ks[0][0]
+        ns = torch.tensor([k[1] for k in ks], device=pos.device)
+        name = f"blocks.{lay}.mlp.hook_post"
+        d_post = (src[name] - base.cache[name])[:, pos][:, :, ns]  # [N,S,P]
+        out = d_post.new_zeros(d_post.shape[0], len(ks), base.tokens.shape[1] - p0,
+                               engine.d_model)
+        out[:, :, pos - p0] = torch.einsum("nsp,pd->npsd", d_post, engine.W_out[lay, ns])
+        return out
+
+    layers = {k[0] for k in keys}
+    want = {f"blocks.{lay}.mlp.hook_post" for lay in layers}
+    want |= {_stage_name(engine, 2 * lay + 2) for lay in layers}
+    span = (min(positions), max(positions))
+    return _Patches(keys, lambda k: 2 * k[0] + 2, lambda k: span, delta, want)
+
+
+def _prefix_want(engine: Engine, patches: _Patches) -> set[str]:
+    first = min(patches.stage(k) for k in patches.keys) // 2
+    return {f"blocks.{lay}.attn.hook_{s}" for lay in range(first, engine.n_layers)
+            for s in ("k", "v")}
+
+
+def _make_patches(engine, site, keys, base, src, positions=None) -> _Patches:
+    if site in RESID_SITES:
+        return _resid_patches(engine, site, keys, base, src)
+    if site in HEAD_SITES:
+        return _head_patches(engine, site, keys, base, src)
+    return _neuron_patches(engine, keys, positions, base, src)
+
+
+def _site_want(engine: Engine, site: str, layers: Iterable[int]) -> set[str]:
+    """Source-run activations a site's patches read."""
+    hook = {**{s: h for s, (h, _) in RESID_SITES.items()}, **HEAD_SITES, **NEURON_SITES}[site]
+    return {f"blocks.{lay}.{hook}" for lay in layers}
+
+
+# -- sweeps -----------------------------------------------------------------------------------
+def sweep(engine: Engine, site: str, clean, corrupted, metric: Metric,
+          by: Sequence[str] | None = None, direction: str = "denoise", read_pos=-1,
+          layers: Iterable[int] | None = None, heads: Iterable[int] | None = None,
+          positions: Iterable[int] | None = None, neurons: Iterable[int] | None = None,
+          memory_budget_mb: float = DEFAULT_BUDGET_MB) -> Result:
+    """Patch ``site`` one index at a time, all patches batched; the metric after each.
+
+    ``site``: one of :data:`SITES`. ``by``: the axes swept, ``("layer", "pos")`` (default) or
+    ``("layer",)`` (all positions at once) for resid_*/attn_out/mlp_out; ``("layer", "head")``
+    (default, all positions) or ``("layer", "head", "pos")`` for z/q/k/v/pattern (pos = the
+    query position for q and pattern); ``("layer", "neuron")`` for mlp_post, patched at
+    ``positions`` (default all). ``layers``/``heads``/``positions``/``neurons`` restrict the
+    sweep. ``read_pos``: where the metric reads the logits (int, or one per prompt).
+    ``memory_budget_mb`` bounds the patched batch held at once.
+    """
+    _check_site(site)
+    by = tuple(by) if by is not None else _BY[site][0]
+    if by not in _BY[site]:
+        raise ValueError(f"site {site!r} is swept by one of {_BY[site]}, not {by}")
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' (clean into corrupted) or 'noise' "
+                         f"(corrupted into clean), not {direction!r}")
+    clean, corrupted = _pair(engine, clean, corrupted)
+    N, T = clean.shape
+    rp = _read_positions(read_pos, N, T, clean.device)
+    ranges = {"layer": _check_range("layer", range(engine.n_layers) if layers is None else layers,
+                                    engine.n_layers),
+              "head": _check_range("head", range(engine.n_heads) if heads is None else heads,
+                                   engine.n_heads),
+              "pos": _check_range("position", range(T) if positions is None else positions, T,
+                                  f" (the prompt has {T} tokens)"),
+              "neuron": _check_range("neuron", range(engine.d_mlp) if neurons is None else neurons,
+                                     engine.d_mlp)}
+    keys = list(product(*(ranges[a] for a in by)))
+    base_tok, src_tok = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    with torch.no_grad():
+        src = _run(engine, src_tok, _site_want(engine, site, ranges["layer"]), metric, rp)
+        probe = _make_patches(engine, site, keys, _Run(base_tok, {}, rp, None, None), src.cache,
+                              ranges["pos"])
+        base = _run(engine, base_tok, probe.want | _prefix_want(engine, probe)
+                    | _site_want(engine, site, ranges["layer"]), metric, rp)
+        patches = _make_patches(engine, site, keys, base, src.cache, ranges["pos"])
+        values = _patch_core(engine, patches, base, metric, memory_budget_mb,
+                             _same_before(clean, corrupted))
+    shape = tuple(len(ranges[a]) for a in by)
+    labels = {a: [str(v) for v in ranges[a]] for a in by}
+    if "pos" in by:
+        all_labels = _pos_labels(engine, clean)
+        labels["pos"] = [all_labels[p] for p in ranges["pos"]]
+    clean_run, corr_run = (src, base) if direction == "denoise" else (base, src)
+    per_prompt = values.T.reshape(N, *shape)
+    return Result(f"{site} patching ({direction})", by, labels, per_prompt.mean(0), per_prompt,
+                  _meta(site, direction, rp, clean_run.metric, corr_run.metric,
+                        positions=ranges["pos"] if site == "mlp_post" else None))
+
+
+def _same_before(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading positions the two token batches share (runs agree there)."""
+    diff = (a != b).any(0).nonzero()
+    return int(diff[0]) if len(diff) else a.shape[1]
+
+
+def _meta(site, direction, rp, clean, corrupted, **extra) -> dict:
+    meta = {"site": site, "direction": direction, "read_pos": rp.tolist(),
+            "clean": float(clean.float().mean()), "corrupted": float(corrupted.float().mean()),
+            "clean_per_prompt": clean.float().tolist(),
+            "corrupted_per_prompt": corrupted.float().tolist()}
+    return {**meta, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _view(site: str, by: tuple[str, ...]):
+    def view(engine: Engine, clean, corrupted, metric: Metric, **kw) -> Result:
+        return sweep(engine, site, clean, corrupted, metric, by=by, **kw)
+    view.__name__ = f"patch_{site}" + ("_by_pos" if by[-1] == "pos" and site in HEAD_SITES
+                                       else "")
+    view.__doc__ = f"``sweep(engine, {site!r}, ..., by={by})``: see :func:`sweep`."
+    return view
+
+
+patch_resid_pre = _view("resid_pre", ("layer", "pos"))
+patch_resid_mid = _view("resid_mid", ("layer", "pos"))
+patch_resid_post = _view("resid_post", ("layer", "pos"))
+patch_attn_out = _view("attn_out", ("layer", "pos"))
+patch_mlp_out = _view("mlp_out", ("layer", "pos"))
+patch_head_out = _view("z", ("layer", "head"))
+patch_head_out_by_pos = _view("z", ("layer", "head", "pos"))
+patch_head_q = _view("q", ("layer", "head"))
+patch_head_k = _view("k", ("layer", "head"))
+patch_head_v = _view("v", ("layer", "head"))
+patch_head_pattern = _view("pattern", ("layer", "head"))
+patch_head_q_by_pos = _view("q", ("layer", "head", "pos"))
+patch_head_k_by_pos = _view("k", ("layer", "head", "pos"))
+patch_head_v_by_pos = _view("v", ("layer", "head", "pos"))
+patch_head_pattern_by_pos = _view("pattern", ("layer", "head", "pos"))
+patch_neurons = _view("mlp_post", ("layer", "neuron"))
+
+
+# -- ablations --------------------------------------------------------------------------------
+_COMPONENT = re.compile(r"^(?:(\d+)\.(\d+)|(attn|mlp)(\d+)|mlp(\d+)\.(\d+))$")
+
+
+def parse_component(engine: Engine, name: str) -> tuple[str, tuple[int, ...]]:
+    """``"9.9"`` -> ("z", (9, 9)); ``"attn9"`` -> ("attn_out", (9,)); ``"mlp9"`` ->
+    ("mlp_out", (9,)); ``"mlp9.1234"`` -> ("mlp_post", (9, 1234))."""
+    m = _COMPONENT.match(str(name).strip())
+    if m is None:
+        raise ValueError(f"unknown component {name!r}: name a head 'L.H' (e.g. '9.9'), a layer "
+                         "'attnL' or 'mlpL' (e.g. 'mlp9'), or a neuron 'mlpL.N' (e.g. "
+                         "'mlp9.1234')")
+    g = m.groups()
+    if g[0] is not None:
+        site, key, sizes = "z", (int(g[0]), int(g[1])), ("head", engine.n_heads)
+    elif g[2] is not None:
+        site, key, sizes = f"{g[2]}_out", (int(g[3]),), None
+    else:
+        site, key, sizes = "mlp_post", (int(g[4]), int(g[5])), ("neuron", engine.d_mlp)
+    _check_range("layer", key[:1], engine.n_layers, f" (in component {name!r})")
+    if sizes:
+        _check_range(sizes[0], key[1:], sizes[1], f" (in component {name!r})")
+    return site, key
+
+
+def ablation_values(engine: Engine, tokens: torch.Tensor, sites: Iterable[str], how: str,
+                    reference=None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Replacement activations (TL names, shaped like ``tokens``' run) for an ablation."""
+    sites = set(sites)
+    N, T = tokens.shape
+    if how == "zero":
+        _, acts = engine.run(tokens, sites, logits_at=-1)
+        return {s: torch.zeros_like(a) for s, a in acts.items()}
+    if how not in ("mean", "resample"):
+        raise ValueError(f"ablation how={how!r}: use 'zero', 'mean' or 'resample'")
+    if reference is None:
+        raise ValueError(f"{how} ablation needs reference=[n_ref, T] tokens to draw values from")
+    reference = engine.check_tokens(reference)
+    _, ref = engine.run(reference, sites, logits_at=-1)
+    if how == "mean":
+        if reference.shape[1] == T:  # per-position mean
+            return {s: a.mean(0, keepdim=True).expand(N, *a.shape[1:]) for s, a in ref.items()}
+        return {s: a.mean((0, 1), keepdim=True).expand(N, T, *a.shape[2:])
+                for s, a in ref.items()}
+    if reference.shape[1] != T:
+        raise ValueError(f"resample ablation needs reference prompts of the same length ({T}), "
+                         f"got {reference.shape[1]}")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(reference), (N,), generator=gen).to(reference.device)
+    return {s: a[pick] for s, a in ref.items()}
+
+
+def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
+           how: str = "zero", reference=None, together: bool = False, read_pos=-1,
+           seed: int = 0, memory_budget_mb: float = DEFAULT_BUDGET_MB) -> Result:
+    """The metric with each component ablated singly (``together=False``) or all at once.
+
+    ``how``: ``"zero"``, ``"mean"`` (over ``reference`` prompts, per position when they have the
+    prompt's length) or ``"resample"`` (each prompt takes a seeded random reference prompt's
+    activation). Components: ``"9.9"`` (head z, all positions), ``"attn9"``, ``"mlp9"``,
+    ``"mlp9.1234"`` (neuron). Result axis ``component``; together gives one cell labelled
+    ``"9.9+9.6+..."``. ``meta["clean"]`` is the unablated metric.
+    """
+    if isinstance(components, str):
+        components = [components]
+    parsed = [parse_component(engine, c) for c in components]
+    if not parsed:
+        raise ValueError("ablate needs at least one component")
+    tokens = engine.check_tokens(tokens)
+    N, T = tokens.shape
+    rp = _read_positions(read_pos, N, T, tokens.device)
+    site_of = {"z": "attn.hook_z", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+               "mlp_post": "mlp.hook_post"}
+    names = {f"blocks.{k[0]}.{site_of[s]}" for s, k in parsed}
+    with torch.no_grad():
+        values = ablation_values(engine, tokens, names, how, reference, seed)
+        if together:
+            edits = {}
+            for site, key in parsed:
+                name = f"blocks.{key[0]}.{site_of[site]}"
+                idx = (slice(None), slice(None)) + key[1:]
+                edits.setdefault(name, []).append(idx)
+            fns = {n: _replace(values[n], idxs) for n, idxs in edits.items()}
+            logits, _ = engine.run(tokens, edits=fns)
+            clean = _run(engine, tokens, (), metric, rp).metric
+            out = _call_metric(metric, logits[torch.arange(N), rp])[None]  # [1, N]
+            labels = ["+".join(components)]
+        else:
+            want = set()
+            groups: dict[str, list[int]] = {}
+            plans = []
+            for i, (site, _) in enumerate(parsed):
+                groups.setdefault(site, []).append(i)
+            for site, idx in groups.items():
+                keys = [parsed[i][1] for i in idx]
+                p = _make_patches(engine, site, keys, _Run(tokens, {}, rp, None, None), values,
+                                  list(range(T)))
+                want |= p.want | _prefix_want(engine, p)
+                plans.append((site, idx, keys))
+            base = _run(engine, tokens, want, metric, rp)
+            clean = base.metric
+            out = torch.empty(len(parsed), N, dtype=base.metric.dtype, device=tokens.device)
+            for site, idx, keys in plans:
+                p = _make_patches(engine, site, keys, base, values, list(range(T)))
+                out[idx] = _patch_core(engine, p, base, metric, memory_budget_mb)
+            labels = [str(c) for c in components]
+    per_prompt = out.T
+    meta = {"how": how, "together": together, "read_pos": rp.tolist(),
+            "clean": float(clean.float().mean()), "clean_per_prompt": clean.float().tolist()}
+    return Result(f"{how} ablation", ("component",), {"component": labels}, per_prompt.mean(0),
+                  per_prompt, meta)
+
+
+def _replace(value: torch.Tensor, idxs: list[tuple]):
+    def edit(act: torch.Tensor) -> torch.Tensor:
+        act = act.clone()
+        for idx in idxs:
+            act[idx] = value[idx]
+        return act
+    return edit
+
+
+# -- path patching ----------------------------------------------------------------------------
+def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequence[str],
+               component: str = "q", direction: str = "denoise", read_pos=-1,
+               memory_budget_mb: float = DEFAULT_BUDGET_MB) -> Result:
+    """Each sender head's effect through the receivers' queries, keys or values only.
+
+    For every sender head S (all heads; result axes ``layer``, ``head``) the base run is
+    repeated with S's source-minus-base write ``(z_src - z_base) @ W_O`` added to the
+    ``component`` input (pre-LayerNorm residual) of each receiver head in a later layer, and to
+    nothing else: the direct path S -> receivers (Wang et al. 2022). With one receiver this is
+    TransformerLens's ``get_act_patch_direct_path``. Senders at or after every receiver's layer
+    leave the metric at the base value.
+    """
+    if component not in ("q", "k", "v"):
+        raise ValueError(f"path_patch component must be 'q', 'k' or 'v', not {component!r}")
+    if isinstance(receivers, str):
+        receivers = [receivers]
+    recv = []
+    for r in receivers:
+        site, key = parse_component(engine, r)
+        if site != "z":
+            raise ValueError(f"receiver {r!r} is not a head: name receivers 'L.H', e.g. '9.9'")
+        recv.append(key)
+    if not recv:
+        raise ValueError("path_patch needs at least one receiver head")
+    clean, corrupted = _pair(engine, clean, corrupted)
+    N, T = clean.shape
+    rp = _read_positions(read_pos, N, T, clean.device)
+    base_tok, src_tok = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    L, H = engine.n_layers, engine.n_heads
+    first, last = min(k[0] for k in recv), max(k[0] for k in recv)
+    zs = [f"blocks.{lay}.attn.hook_z" for lay in range(last)]
+    W = {"q": engine.W_Q, "k": engine.W_K, "v": engine.W_V}[component]
+    b = {"q": engine.b_Q, "k": engine.b_K, "v": engine.b_V}[component]
+    with torch.no_grad():
+        src = _run(engine, src_tok, zs, metric, rp)
+        base = _run(engine, base_tok, zs + [f"blocks.{first}.hook_resid_pre"], metric, rp)
+        senders = [(lay, h) for lay in range(last) for h in range(H)]
+        out = base.metric[None].repeat(L * H, 1)
+        per_patch = engine.W_E.element_size() * N * T * (
+            12 * engine.d_model + 4 * H * T + 3 * engine.d_mlp)
+        chunk = max(1, int(memory_budget_mb * 2**20 // per_patch))
+        for c in range(0, len(senders), chunk):
+            part = senders[c:c + chunk]
+            P = len(part)
+            write = torch.stack([torch.einsum(
+                "nte,ed->ntd", src.cache[zs[lay]][:, :, h] - base.cache[zs[lay]][:, :, h],
+                engine.W_O[lay, h]) for lay, h in part], 1)  # [N,P,T,d]
+            s_layer = torch.tensor([lay for lay, _ in part], device=clean.device)
+            edits = {}
+            for rl in sorted({k[0] for k in recv}):
+                heads = [k[1] for k in recv if k[0] == rl]
+                mask = (s_layer < rl).to(write.dtype)[None, :, None, None]
+                edits[f"blocks.{rl}.attn.hook_{component}"] = _path_edit(
+                    engine, rl, heads, write * mask, W, b)
+            ctx = Ctx({f"blocks.{k[0]}.hook_resid_pre" for k in recv}, edits)
+            for fn in edits.values():
+                fn.ctx = ctx
+            x0 = base.cache[f"blocks.{first}.hook_resid_pre"][:, None].expand(N, P, T, -1)
+            x = engine.forward(x0, 2 * first, ctx=ctx, read=rp)[:, :, 0]
+            vals = _call_metric(metric, engine.unembed(x).transpose(0, 1))
+            out[[lay * H + h for lay, h in part]] = vals
+    per_prompt = out.T.reshape(N, L, H)
+    clean_run, corr_run = (src, base) if direction == "denoise" else (base, src)
+    return Result(f"path patching -> {','.join(receivers)} ({component})", ("layer", "head"),
+                  {"layer": [str(i) for i in range(L)], "head": [str(i) for i in range(H)]},
+                  per_prompt.mean(0), per_prompt,
+                  {**_meta("path", direction, rp, clean_run.metric, corr_run.metric),
+                   "receivers": list(receivers), "component": component})
+
+
+def _path_edit(engine: Engine, layer: int, heads: list[int], write: torch.Tensor, W, b):
+    """Recompute the receivers' q/k/v from their own residual input plus the sender write."""
+    def edit(act: torch.Tensor) -> torch.Tensor:  # act [N*P, T, H, dh]
+        x = edit.ctx.cache[f"blocks.{layer}.hook_resid_pre"]  # [N*P, T, d]
+        x = x + write.reshape(x.shape)
+        x = x - x.mean(-1, keepdim=True)
+        x = x / (x.pow(2).mean(-1, keepdim=True) + engine.eps).sqrt()
+        act = act.clone()
+        for h in heads:
+            act[:, :, h] = x @ W[layer, h] + b[layer, h]
+        return act
+    edit.ctx = None
+    return edit
+
+
+# -- attribution patching ---------------------------------------------------------------------
+def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequence[str]]], clean,
+                        corrupted, metric: Metric, direction: str = "denoise", read_pos=-1,
+                        positions: Iterable[int] | None = None) -> dict[str, Result]:
+    """Attribution patching (first-order Taylor) for several sites from one backward pass.
+
+    ``sites``: names, or ``(site, by)`` pairs; the key of the returned dict is the site name
+    (plus ``":" + "/".join(by)`` for a pair). Each cell estimates what :func:`sweep` gives
+    minus the base metric: ``(a_src - a_base) . d metric / d a`` at the base run, summed over
+    the swept cell (d_model; d_head and positions for heads over all positions; source
+    positions for pattern; ``positions`` for neurons).
+    """
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
+    specs = []
+    for s in sites:
+        site, by = (s, None) if isinstance(s, str) else (s[0], tuple(s[1]))
+        _check_site(site)
+        by = by or _BY[site][0]
+        if by not in _BY[site]:
+            raise ValueError(f"site {site!r} is swept by one of {_BY[site]}, not {by}")
+        specs.append((site if isinstance(s, str) else f"{site}:{'/'.join(by)}", site, by))
+    clean, corrupted = _pair(engine, clean, corrupted)
+    N, T = clean.shape
+    rp = _read_positions(read_pos, N, T, clean.device)
+    pos = _check_range("position", range(T) if positions is None else positions, T,
+                       f" (the prompt has {T} tokens)")
+    hooks = {**{s: h for s, (h, _) in RESID_SITES.items()}, **HEAD_SITES, **NEURON_SITES}
+    want = {f"blocks.{lay}.{hooks[site]}" for _, site, _ in specs
+            for lay in range(engine.n_layers)}
+    base_tok, src_tok = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    with torch.no_grad():
+        src = _run(engine, src_tok, want, metric, rp)
+    with torch.enable_grad():
+        def keep(a: torch.Tensor) -> torch.Tensor:
+            a.retain_grad()
+            return a
+        ctx = Ctx(want, {n: keep for n in want})
+        x0 = engine.embed(base_tok).detach().requires_grad_(True)
+        x = engine.forward(x0, 0, ctx=ctx)[:, 0]
+        final = x[torch.arange(N, device=x.device), rp]
+        m = _call_metric(metric, engine.unembed(final))
+        m.sum().backward()
+    out = {}
+    for key, site, by in specs:
+        names = [f"blocks.{lay}.{hooks[site]}" for lay in range(engine.n_layers)]
+        prod = torch.stack([(src.cache[n] - ctx.cache[n].detach()) * ctx.cache[n].grad
+                            for n in names], 1)  # [N, L, ...TL shape]
+        if site in RESID_SITES:  # [N,L,T,d]
+            vals = prod.sum(-1) if by == ("layer", "pos") else prod.sum((-1, -2))
+        elif site == "pattern":  # [N,L,H,q,k]
+            vals = prod.sum(-1) if by[-1] == "pos" else prod.sum((-1, -2))
+        elif site in HEAD_SITES:  # [N,L,T,H,dh] -> [N,L,H,(T)]
+            vals = prod.sum(-1).transpose(-1, -2)
+            vals = vals if by[-1] == "pos" else vals.sum(-1)
+        else:  # [N,L,T,d_mlp]
+            vals = prod[:, :, pos].sum(2)
+        labels = {"layer": [str(i) for i in range(engine.n_layers)],
+                  "head": [str(i) for i in range(engine.n_heads)],
+                  "pos": _pos_labels(engine, clean),
+                  "neuron": [str(i) for i in range(engine.d_mlp)]}
+        vals = vals.detach()
+        out[key] = Result(f"{site} attribution ({direction})", by, {a: labels[a] for a in by},
+                          vals.mean(0), vals,
+                          {**_meta(site, direction, rp, *(
+                              (src.metric, m.detach()) if direction == "denoise"
+                              else (m.detach(), src.metric))), "method": "attribution"})
+    return out
+
+
+def attribution_patch(engine: Engine, site: str, clean, corrupted, metric: Metric,
+                      by: Sequence[str] | None = None, **kw) -> Result:
+    """Attribution patching of one site: see :func:`attribution_patches`."""
+    _check_site(site)
+    return next(iter(attribution_patches(engine, [(site, by or _BY[site][0])], clean, corrupted,
+                                         metric, **kw).values()))
+
+
+def rank_correlation(approx: Result, exact: Result) -> float:
+    """Spearman rank correlation between two results' values (e.g. attribution vs a sweep).
+
+    An attribution estimates ``exact - base``; ranks are unchanged by that shift.
+    """
+    a, b = approx.values.flatten().double(), exact.values.flatten().double()
+    if a.shape != b.shape:
+        raise ValueError(f"results have {a.numel()} and {b.numel()} cells: compare the same "
+                         "site and axes")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks with ties averaged."""
+    order = x.argsort()
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    uniq, inv = torch.unique(x, return_inverse=True)
+    if len(uniq) < len(x):
+        sums = torch.zeros(len(uniq), dtype=x.dtype).index_add_(0, inv, ranks)
+        ranks = (sums / torch.bincount(inv, minlength=len(uniq)).to(x.dtype))[inv]
+    return ranks
