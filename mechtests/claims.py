@@ -50,6 +50,17 @@ def reference(subject: Any, refs: Mapping[str, T]) -> tuple[str, T]:
                 f"{_describe(shape)}")
 
 
+def findings(organism: str) -> dict[str, Any]:
+    """What the organism's own analysis found (``fixtures/organisms/<name>/findings.json``)."""
+    path = ORGANISMS / organism / "findings.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: run `python -m mechtests.organisms.analysis {organism}` to "
+            f"write the organism's findings"
+        )
+    return json.loads(path.read_text())
+
+
 def holds(measured: float, op: str, threshold: float, what: str, why: str,
           record: Any = None, **context: Any) -> None:
     """Assert ``measured op threshold``; the failure message says what was measured, against

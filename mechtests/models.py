@@ -159,7 +159,9 @@ def load_model(spec: str, device: str | None = None, dtype: str | torch.dtype = 
     and unembedding centred).
     """
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per load is noise in a claims run
     resolved = resolve(spec)
     check_checkpoint(resolved.path)
     if isinstance(dtype, str):

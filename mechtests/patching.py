@@ -51,7 +51,6 @@ SITES = (*RESID_SITES, *HEAD_SITES, *NEURON_SITES)
 _BY = {**{s: (("layer", "pos"), ("layer",)) for s in RESID_SITES},
        **{s: (("layer", "head"), ("layer", "head", "pos")) for s in HEAD_SITES},
        "mlp_post": (("layer", "neuron"),)}
-DEFAULT_BUDGET_MB = 256
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -319,7 +318,7 @@ def sweep(engine: Engine, site: str, clean, corrupted, metric: Metric,
           by: Sequence[str] | None = None, direction: str = "denoise", read_pos=-1,
           layers: Iterable[int] | None = None, heads: Iterable[int] | None = None,
           positions: Iterable[int] | None = None, neurons: Iterable[int] | None = None,
-          memory_budget_mb: float = DEFAULT_BUDGET_MB) -> Result:
+          memory_budget_mb: float | None = None) -> Result:
     """Patch ``site`` one index at a time, all patches batched; the metric after each.
 
     ``site``: one of :data:`SITES`. ``by``: the axes swept, ``("layer", "pos")`` (default) or
@@ -328,7 +327,8 @@ def sweep(engine: Engine, site: str, clean, corrupted, metric: Metric,
     query position for q and pattern); ``("layer", "neuron")`` for mlp_post, patched at
     ``positions`` (default all). ``layers``/``heads``/``positions``/``neurons`` restrict the
     sweep. ``read_pos``: where the metric reads the logits (int, or one per prompt).
-    ``memory_budget_mb`` bounds the patched batch held at once.
+    ``memory_budget_mb`` bounds the patched batch held at once (default: what one ordinary
+    forward of the prompts holds).
     """
     _check_site(site)
     by = tuple(by) if by is not None else _BY[site][0]
@@ -357,7 +357,8 @@ def sweep(engine: Engine, site: str, clean, corrupted, metric: Metric,
         base = _run(engine, base_tok, probe.want | _prefix_want(engine, probe)
                     | _site_want(engine, site, ranges["layer"]), metric, rp)
         patches = _make_patches(engine, site, keys, base, src.cache, ranges["pos"])
-        values = _patch_core(engine, patches, base, metric, memory_budget_mb,
+        values = _patch_core(engine, patches, base, metric,
+                             _budget_mb(engine, clean, memory_budget_mb),
                              _same_before(clean, corrupted))
     shape = tuple(len(ranges[a]) for a in by)
     labels = {a: [str(v) for v in ranges[a]] for a in by}
@@ -369,6 +370,19 @@ def sweep(engine: Engine, site: str, clean, corrupted, metric: Metric,
     return Result(f"{site} patching ({direction})", by, labels, per_prompt.mean(0), per_prompt,
                   _meta(site, direction, rp, clean_run.metric, corr_run.metric,
                         positions=ranges["pos"] if site == "mlp_post" else None))
+
+
+def _budget_mb(engine: Engine, tokens: torch.Tensor, mb: float | None) -> float:
+    """The default budget: what one ordinary forward of these prompts holds (full-vocab logits
+    and every layer's activations, as a one-patch-per-forward sweep keeps), at least 16 MB."""
+    if mb is not None:
+        if mb <= 0:
+            raise ValueError(f"memory_budget_mb must be positive, got {mb}")
+        return mb
+    N, T = tokens.shape
+    per_layer = 12 * engine.d_model + 2 * engine.n_heads * T + 2 * engine.d_mlp
+    size = engine.W_E.element_size() * N * T * (engine.d_vocab + engine.n_layers * per_layer)
+    return max(16.0, size / 2**20)
 
 
 def _same_before(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -466,7 +480,7 @@ def ablation_values(engine: Engine, tokens: torch.Tensor, sites: Iterable[str], 
 
 def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
            how: str = "zero", reference=None, together: bool = False, read_pos=-1,
-           seed: int = 0, memory_budget_mb: float = DEFAULT_BUDGET_MB) -> Result:
+           seed: int = 0, memory_budget_mb: float | None = None) -> Result:
     """The metric with each component ablated singly (``together=False``) or all at once.
 
     ``how``: ``"zero"``, ``"mean"`` (over ``reference`` prompts, per position when they have the
@@ -516,7 +530,8 @@ def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
             out = torch.empty(len(parsed), N, dtype=base.metric.dtype, device=tokens.device)
             for site, idx, keys in plans:
                 p = _make_patches(engine, site, keys, base, values, list(range(T)))
-                out[idx] = _patch_core(engine, p, base, metric, memory_budget_mb)
+                out[idx] = _patch_core(engine, p, base, metric,
+                                       _budget_mb(engine, tokens, memory_budget_mb))
             labels = [str(c) for c in components]
     per_prompt = out.T
     meta = {"how": how, "together": together, "read_pos": rp.tolist(),
@@ -537,7 +552,7 @@ def _replace(value: torch.Tensor, idxs: list[tuple]):
 # -- path patching ----------------------------------------------------------------------------
 def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequence[str],
                component: str = "q", direction: str = "denoise", read_pos=-1,
-               memory_budget_mb: float = DEFAULT_BUDGET_MB) -> Result:
+               memory_budget_mb: float | None = None) -> Result:
     """Each sender head's effect through the receivers' queries, keys or values only.
 
     For every sender head S (all heads; result axes ``layer``, ``head``) the base run is
@@ -575,7 +590,7 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
         out = base.metric[None].repeat(L * H, 1)
         per_patch = engine.W_E.element_size() * N * T * (
             12 * engine.d_model + 4 * H * T + 3 * engine.d_mlp)
-        chunk = max(1, int(memory_budget_mb * 2**20 // per_patch))
+        chunk = max(1, int(_budget_mb(engine, clean, memory_budget_mb) * 2**20 // per_patch))
         for c in range(0, len(senders), chunk):
             part = senders[c:c + chunk]
             P = len(part)

@@ -381,3 +381,98 @@ def bigram_embedding_classes(model, path: str | Path | None = None) -> dict[str,
         fig.savefig(path, dpi=90)
         plt.close(fig)
     return {"centroid_acc_2d": centroid_acc(xy), "centroid_acc": centroid_acc(E)}
+
+
+# ---------------------------------------------------------------------------------------------
+# each organism's findings
+
+PREV_THRESHOLD = 0.5  # a previous-token head puts at least half its attention on the previous word
+INDUCTION_THRESHOLD = 0.5  # an induction head puts at least half on the induction target
+
+
+@torch.no_grad()
+def induction_findings(model) -> dict[str, Any]:
+    """Previous-token and induction heads, repeat loss, and what ablating them costs."""
+    prev = prev_token_scores(model)
+    ind = induction_scores(model)
+    prev_heads = _ranked(prev, PREV_THRESHOLD)
+    ind_heads = _ranked(ind, INDUCTION_THRESHOLD)
+    loss = repeat_loss(model)
+    out: dict[str, Any] = {
+        "accuracy": {"repeat": task_accuracy(model, "repeat", n=200, seed=1)},
+        "repeat_loss": loss,
+        "prev_token_heads": prev_heads,
+        "induction_heads": ind_heads,
+        "prev_token_scores": prev.tolist(),
+        "induction_scores": ind.tolist(),
+    }
+    ablations = {}
+    if ind_heads:
+        ablations["induction_heads"] = repeat_loss(model, ablate=[h for h, _ in ind_heads])
+    if prev_heads:
+        ablations["prev_token_heads"] = repeat_loss(model, ablate=[h for h, _ in prev_heads])
+    out["ablation_repeat_loss"] = ablations
+    return out
+
+
+def bigram_findings(model, plot: str | Path | None = None) -> dict[str, Any]:
+    """Fit to the true bigram table, and word-class separation of the embeddings."""
+    return {"fit": bigram_fit(model), "embedding_classes": bigram_embedding_classes(model, plot)}
+
+
+def _family(task: str, n: int, seed: int, **kw: Any) -> list[dict[str, Any]]:
+    """``n`` held-out prompts of one template (one batch)."""
+    return lang.prompts(task, n, seed, split="test", **kw)
+
+
+@torch.no_grad()
+def multitask_findings(model, n: int = 100, seed: int = 1) -> dict[str, Any]:
+    """Per-task accuracy and, per task, the heads that carry it (see FINDINGS.md)."""
+    out: dict[str, Any] = {
+        "accuracy": {t: task_accuracy(model, t, n=400, seed=seed, split="test")
+                     for t in lang.TASKS},
+        "accuracy_train_split": {t: task_accuracy(model, t, n=400, seed=seed, split="train")
+                                 for t in lang.TASKS if t != "repeat"},
+        "logit_diff": {t: task_logit_diff(model, t, n=400, seed=seed, split="test")
+                       for t in lang.TASKS},
+    }
+    prev, ind = prev_token_scores(model), induction_scores(model)
+    out["prev_token_heads"] = _ranked(prev, PREV_THRESHOLD)
+    out["induction_heads"] = _ranked(ind, INDUCTION_THRESHOLD)
+    out["induction_scores"] = ind.tolist()
+    out["repeat_loss"] = repeat_loss(model)
+
+    def roles(items: list[dict[str, Any]], attend: Sequence[str]) -> dict[str, Any]:
+        dla = head_dla(model, items)
+        patch = head_patching(model, items)
+        att = {p: attention_to(model, items, p) for p in attend}
+        top = _ranked(dla, k=3)
+        return {
+            "template": items[0]["template"], "example": items[0]["clean"],
+            "clean_logit_diff": patch["clean"], "corrupted_logit_diff": patch["corrupted"],
+            "dla_top": [(h, v, {p: float(att[p][_hl(h)]) for p in attend}) for h, v in top],
+            "patching_top": _ranked(patch["restored"], k=3),
+            "dla": dla.tolist(), "patching": patch["restored"].tolist(),
+            "attention": {p: a.tolist() for p, a in att.items()},
+        }
+
+    out["ioi"] = roles(_family("ioi", n, seed, template=0), ("IO", "S1", "S2"))
+    out["ioi_flip"] = roles(_family("ioi", n, seed, template=0, corruption="flip"),
+                            ("IO", "S1", "S2"))
+    out["recall"] = roles(_family("recall", n, seed, template=2), ("SURNAME", "FIRST"))
+    out["contraction"] = roles(_family("contraction", n, seed, template=0), ("V1", "P1"))
+    gender = _family("gender", n, seed, template=1)
+    out["gender"] = roles(gender, ("NOUN",))
+    rp = resid_patching(model, gender)
+    noun = gender[0]["positions"]["NOUN"] + 1
+    out["gender"]["resid_patching"] = {
+        "words": rp["words"], "restored": rp["restored"].tolist(),
+        "at_noun_by_layer": rp["restored"][:, noun].tolist(),
+        "at_end_by_layer": rp["restored"][:, -1].tolist(),
+    }
+    return out
+
+
+def _hl(head: str) -> tuple[int, int]:
+    la, h = head.split(".")
+    return int(la), int(h)

@@ -1,0 +1,61 @@
+"""The prompt families each claim is measured on, per reference subject and kind.
+
+GPT-2's come from the published experiments (``mechtests.families``); the organisms' from their
+synthetic language (``mechtests.organisms.language``), on held-out names and fillers
+(``split="test"``), from several templates of one token count (a family runs as one batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from mechtests import families as gpt2
+from mechtests.organisms import language as lang
+from mechtests.prompts import PromptFamily
+
+N = 8  # prompts per template in a generated organism family
+
+
+def _organism(name: str, generate: Callable[..., list[dict]], templates: tuple[int, ...],
+              **kw) -> PromptFamily:
+    items = [d for t in templates for d in generate(N, seed=100 + t, template=t, split="test",
+                                                     **kw)]
+    return lang.as_family(name, items)
+
+
+FAMILIES: dict[str, dict[str, dict[str, Callable[[], PromptFamily]]]] = {
+    "ioi": {
+        "gpt2": {"ABBA": lambda: gpt2.gpt2_ioi("ABBA"), "BABA": lambda: gpt2.gpt2_ioi("BABA")},
+        "multitask": {
+            o: (lambda o=o: _organism(f"ioi_{o.lower()}", lang.ioi_prompts, (0, 2, 4), order=o,
+                                      corruption="flip"))
+            for o in ("ABBA", "BABA")
+        },
+    },
+    "recall": {
+        "gpt2": {"michelle": gpt2.gpt2_name_recall_michelle, "names": gpt2.gpt2_name_recall},
+        "multitask": {
+            "michelle": lambda: _organism("recall_single", lang.recall_prompts, (0,)),
+            "names": lambda: _organism("recall_distractor", lang.recall_prompts, (2, 3, 4)),
+        },
+    },
+    "gender": {
+        "gpt2": {"nouns": gpt2.gpt2_gender},
+        "multitask": {"nouns": lambda: _organism("gender", lang.gender_prompts, (0,))},
+    },
+}
+
+
+def kinds(task: str) -> list[str]:
+    """Every family kind of ``task`` (the claims' ``family`` parameter)."""
+    return sorted({k for ref in FAMILIES[task].values() for k in ref})
+
+
+def family(task: str, reference: str, kind: str) -> PromptFamily:
+    """The ``kind`` family of ``task`` for ``reference``, or a skip saying there is none."""
+    mine = FAMILIES[task].get(reference, {})
+    if kind not in mine:
+        pytest.skip(f"no {task!r} family {kind!r} is written for {reference}")
+    return mine[kind]()
