@@ -41,6 +41,11 @@ FAMILIES: dict[str, dict[str, dict[str, Callable[[], PromptFamily]]]] = {
             "names": lambda: _organism("recall_distractor", lang.recall_prompts, (2, 3, 4)),
         },
     },
+    "contraction": {
+        "gpt2": {"contracted": gpt2.gpt2_contraction},
+        "multitask": {"contracted": lambda: _organism(
+            "contraction", lang.contraction_prompts, (0, 2), style="contracted")},
+    },
     "gender": {
         "gpt2": {"nouns": gpt2.gpt2_gender},
         "multitask": {"nouns": lambda: _organism("gender", lang.gender_prompts, (0,))},

@@ -20,7 +20,7 @@ import torch
 
 from mechtests.claims import holds, holds_set, reference
 from mechtests.heads import head_scores, repeated_random_tokens
-from mechtests.patching import engine_for
+from mechtests.engine import engine_for
 
 
 @dataclass(frozen=True)

@@ -24,24 +24,20 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 
 # -- plumbing: every forward goes through _run / _run_edited ----------------------------------
 def _engine(model: Any) -> Any:
-    """The model's cached ``Engine`` (rebuilt when a parameter changes), or None if unsupported.
+    """The model's cached ``Engine``, or None if unsupported.
 
     Non-GPT-2 architectures and models not in compatibility mode run through the bridge's hooks.
     """
-    from mechtests.engine import Engine
+    from mechtests.engine import Engine, engine_for
 
     if isinstance(model, Engine):
         return model
-    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    held = getattr(model, "_mechtests_engine", None)
-    if held is None or held[0] != stamp:
-        try:
-            eng = Engine(model) if getattr(model, "compatibility_mode", False) else None
-        except (NotImplementedError, ValueError):
-            eng = None
-        held = (stamp, eng)
-        object.__setattr__(model, "_mechtests_engine", held)
-    return held[1]
+    if not getattr(model, "compatibility_mode", False):
+        return None
+    try:
+        return engine_for(model)
+    except (NotImplementedError, ValueError):
+        return None
 
 
 def _run(model: Any, tokens: torch.Tensor, sites: Sequence[str],

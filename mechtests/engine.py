@@ -338,3 +338,18 @@ def _check_architecture(cfg) -> None:
             f"Engine supports GPT-2-style models (learned positions, LayerNorm, gelu MLP, "
             f"multi-head attention); {arch} has {', '.join(bad)}. Use TransformerLens's own "
             "patching for it.")
+
+
+def engine_for(model) -> Engine:
+    """The model's ``Engine``, built once and cached on the model (rebuilt if a weight changes).
+
+    Accepts an ``Engine`` too, so every public function can take either.
+    """
+    if isinstance(model, Engine):
+        return model
+    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    held = getattr(model, "_mechtests_engine", None)
+    if held is None or held[0] != stamp:
+        held = (stamp, Engine(model))
+        object.__setattr__(model, "_mechtests_engine", held)
+    return held[1]

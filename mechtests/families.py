@@ -59,50 +59,65 @@ def gpt2_ioi(order: str) -> PromptFamily:
 RECALL_FIRST = ["Michelle", "John", "Mary", "David", "Sarah", "James"]
 RECALL_SURNAMES = [("Jones", "Smith"), ("Brown", "Wilson"), ("Taylor", "Davis"),
                    ("Miller", "Moore"), ("Johnson", "Williams"), ("Clark", "Lewis")]
-RECALL_TEMPLATES = ["{F} {L} was a top-notch student. {F2}", "{F} {L} was a great teacher. {F2}"]
+RECALL_TEMPLATES = ["{FIRST} {SURNAME} was a top-notch student. {Q}",
+                    "{FIRST} {SURNAME} was a great teacher. {Q}"]
 
 
 def gpt2_name_recall_michelle() -> PromptFamily:
     """The course exercise's single prompt, no BOS (its published probabilities are without)."""
     return PromptFamily.from_template(
-        "recall_michelle", RECALL_TEMPLATES[0], [{"F": "Michelle", "L": "Jones", "F2": "Michelle"}],
-        lambda f: {**f, "L": "Smith"}, " {L}", " Smith", prepend_bos=False,
+        "recall_michelle", RECALL_TEMPLATES[0],
+        [{"FIRST": "Michelle", "SURNAME": "Jones", "Q": "Michelle"}],
+        lambda f: {**f, "SURNAME": "Smith"}, " {SURNAME}", " Smith", prepend_bos=False,
     )
 
 
 def gpt2_name_recall() -> PromptFamily:
     """Name recall over first names, surname pairs and two templates, no BOS."""
-    fills = [{"F": f, "L": a, "F2": f, "B": b} for f in RECALL_FIRST for a, b in RECALL_SURNAMES]
+    fills = [{"FIRST": f, "SURNAME": a, "Q": f, "B": b}
+             for f in RECALL_FIRST for a, b in RECALL_SURNAMES]
     return PromptFamily.from_template(
-        "recall", RECALL_TEMPLATES, fills, lambda f: {**f, "L": f["B"]}, " {L}", " {B}",
-        prepend_bos=False,
+        "recall", RECALL_TEMPLATES, fills, lambda f: {**f, "SURNAME": f["B"]}, " {SURNAME}",
+        " {B}", prepend_bos=False,
     )
 
 
+# (earlier contraction, later pronoun) pairings studied in the notebook; the later verb takes
+# the pronoun's form in the earlier verb's style: "We're helping our friend while they" -> 're
 CONTRACTION_PAIRINGS = [("'re", "they"), ("'re", "he"), ("'re", "she"), ("'s", "we"),
                         ("'s", "they"), ("'s", "he"), ("'s", "she")]
-CONTRACTION_TEMPLATES = ["We{C} helping our friend while {P}", "You{C} going to the store as {P}"]
+CONTRACTION_SUBJECTS = {"'re": ("We", "You"), "'s": ("He", "She")}
+CONTRACTION_TEMPLATES = ["{P1}{V1} helping our friend while {P2}",
+                         "{P1}{V1} cooking dinner tonight as {P2}"]
+FORMS = {"we": ("'re", " are"), "they": ("'re", " are"), "you": ("'re", " are"),
+         "he": ("'s", " is"), "she": ("'s", " is")}
 
 
-def gpt2_contraction(contraction: str, pronoun: str) -> PromptFamily:
-    """An earlier contraction and a later pronoun: the next token copies the contracted form.
-    Corrupted: the earlier verb uncontracted (`` are``/`` is``), the same token count."""
-    full = {"'re": " are", "'s": " is"}[contraction]
-    fills = [{"C": contraction, "P": pronoun}]
-    return PromptFamily.from_template(
-        f"contraction_{contraction.strip(chr(39))}_{pronoun}", CONTRACTION_TEMPLATES, fills,
-        lambda f: {**f, "C": full}, contraction, full, prepend_bos=True,
-    )
+def gpt2_contraction() -> PromptFamily:
+    """Every pairing, two subjects and two templates: 28 prompts, positions P1, V1, P2, END.
+
+    Answer: the later pronoun's contracted verb; counterfactual: its full form; corrupted: the
+    earlier verb written in full (`` are``/`` is``: as many tokens), so the style cue flips."""
+    prompts = []
+    for c, p2 in CONTRACTION_PAIRINGS:
+        full = {"'re": " are", "'s": " is"}[c]
+        fills = [{"P1": p1, "V1": c, "P2": p2} for p1 in CONTRACTION_SUBJECTS[c]]
+        contracted, uncontracted = FORMS[p2]
+        prompts += PromptFamily.from_template(
+            "contraction", CONTRACTION_TEMPLATES, fills, lambda f, full=full: {**f, "V1": full},
+            contracted, uncontracted,
+        ).prompts
+    return PromptFamily("contraction", prompts, prepend_bos=True)
 
 
 GENDERED = [("king", "queen"), ("man", "woman"), ("father", "mother"), ("boy", "girl"),
             ("brother", "sister"), ("husband", "wife"), ("uncle", "aunt"), ("son", "daughter")]
-GENDER_TEMPLATES = ["The {N} said that", "Yesterday the {N} told us that"]
+GENDER_TEMPLATES = ["The {NOUN} said that", "Yesterday the {NOUN} told us that"]
 
 
 def gpt2_gender() -> PromptFamily:
     """Male-noun prompts (answer `` he``) corrupted to the female noun (answer `` she``)."""
-    fills = [{"N": m, "F": f} for m, f in GENDERED]
+    fills = [{"NOUN": m, "F": f} for m, f in GENDERED]
     return PromptFamily.from_template(
-        "gender", GENDER_TEMPLATES, fills, lambda f: {**f, "N": f["F"]}, " he", " she",
+        "gender", GENDER_TEMPLATES, fills, lambda f: {**f, "NOUN": f["F"]}, " he", " she",
     )

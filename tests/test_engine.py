@@ -97,7 +97,8 @@ def test_windowed_forward_equals_full(rich, seed, p0, stage):
     """Starting at any stage, on positions p0.. with cached earlier keys/values, is exact."""
     model, engine, _ = rich
     n = engine.n_layers
-    tokens = torch.randint(2, model.cfg.d_vocab, (2, 7), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, model.cfg.d_vocab, (2, 7), generator=gen)
     stage = min(stage, 2 * n)
     names = [f"blocks.{la}.hook_resid_{w}" for la in range(n) for w in ("pre", "mid")]
     names += [f"blocks.{la}.attn.hook_{w}" for la in range(n) for w in "kv"]

@@ -33,8 +33,12 @@ def test_recall_and_contraction_and_gender():
     assert m.prompts[0].clean == "Michelle Jones was a top-notch student. Michelle"
     assert m.prompts[0].corrupted == "Michelle Smith was a top-notch student. Michelle"
     assert not m.prepend_bos
-    c = F.gpt2_contraction("'re", "they")
+    c = F.gpt2_contraction()
+    assert len(c) == 28
     assert c.prompts[0].clean == "We're helping our friend while they"
     assert c.prompts[0].corrupted == "We are helping our friend while they"
+    assert (c.prompts[0].answer, c.prompts[0].counterfactual) == ("'re", " are")
+    he = [p for p in c.prompts if p.clean.endswith(" he")][0]
+    assert (he.answer, he.counterfactual) == ("'s", " is")
     g = F.gpt2_gender()
     assert g.prompts[0].clean == "The king said that" and g.prompts[0].corrupted == "The queen said that"

@@ -476,3 +476,165 @@ def multitask_findings(model, n: int = 100, seed: int = 1) -> dict[str, Any]:
 def _hl(head: str) -> tuple[int, int]:
     la, h = head.split(".")
     return int(la), int(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing findings.json and FINDINGS.md
+
+
+def _heads(rows: Sequence[Any]) -> str:
+    return ", ".join(f"{r[0]} ({r[1]:.2f})" for r in rows) or "none"
+
+
+def _mat(rows: Sequence[Sequence[float]], row_label: str = "layer") -> str:
+    H = len(rows[0])
+    lines = [f"| {row_label} | " + " | ".join(f"h{h}" for h in range(H)) + " |",
+             "|---" * (H + 1) + "|"]
+    lines += [f"| {la} | " + " | ".join(f"{v:.2f}" for v in r) + " |" for la, r in enumerate(rows)]
+    return "\n".join(lines)
+
+
+def render(name: str, f: dict[str, Any]) -> str:
+    """FINDINGS.md for an organism's findings dict."""
+    head = [f"# {name} organism: findings", "",
+            f"Model: {f['model']}. Recipe: `{f['command']}`. Regenerate this file with "
+            f"`python -m mechtests.organisms.analysis {name}`; the numbers are also in "
+            f"`findings.json`.", ""]
+    body = RENDERERS[name](f)
+    return "\n".join(head + body) + "\n"
+
+
+def _render_bigram(f: dict[str, Any]) -> list[str]:
+    fit, emb = f["fit"], f["embedding_classes"]
+    return [
+        "A 0-layer GPT-2 (`n_layer=0`: embedding, final LayerNorm, unembedding) trained on the "
+        "bigram language of `language.BIGRAM_CLASSES` / `bigram_table()`. Position embeddings "
+        "and the final LayerNorm bias are frozen at zero (positions carry nothing in a bigram "
+        "language), so the model *is* `softmax(W_E[w] @ W_U / rms(W_E[w]))`: the direct path "
+        "W_E W_U is the whole model.", "",
+        "## The bigram table is recovered", "",
+        f"- KL(true row || model row), weighted by word frequency: **{fit['kl']:.4f} nats** "
+        f"(the language's entropy rate is {fit['entropy_rate']:.3f} nats/word).",
+        f"- Mean Pearson correlation of model and true next-word distributions: "
+        f"**{fit['corr']:.3f}**.",
+        f"- Mean Pearson correlation of the rows of W_E @ W_U with log P over allowed "
+        f"successors: **{fit['logit_corr']:.3f}**.",
+        f"- Most likely successor right (frequency-weighted): {fit['top1']:.3f} (within-class "
+        "preferences are Dirichlet(1) draws, so near-ties are common).", "",
+        "## Word classes in the embedding", "",
+        f"`bigram_pca.png`: W_E's first two principal components. Nearest-class-centroid "
+        f"accuracy: **{emb['centroid_acc_2d']:.3f}** in the 2-D projection, "
+        f"{emb['centroid_acc']:.3f} in the full space. Classes with the same successor "
+        "distribution share a region (DET next to ADJ: both precede ADJ/NOUN; PREP, CONJ and "
+        "'.' together: all precede DET/NAME): an embedding here encodes what comes next.",
+    ]
+
+
+def _render_induction(f: dict[str, Any]) -> list[str]:
+    rl, ab = f["repeat_loss"], f["ablation_repeat_loss"]
+    lines = [
+        "A 2-layer GPT-2 trained only on `prefix seg seg` documents (random words; a random "
+        "prefix so that only content, not position, can find the earlier copy).", "",
+        "## Mechanism", "",
+        f"- Previous-token heads (attention to the previous word > {PREV_THRESHOLD}): "
+        f"**{_heads(f['prev_token_heads'])}**.",
+        f"- Induction heads (attention to the word after the current word's earlier occurrence "
+        f"> {INDUCTION_THRESHOLD}): **{_heads(f['induction_heads'])}**.",
+        f"- Loss on random segments: first copy {rl['first_half']:.3f} nats, repeated copy "
+        f"**{rl['second_half']:.3f}** nats.",
+        f"- Next-word accuracy at the end of a repeated segment (held-out draws): "
+        f"**{f['accuracy']['repeat']:.3f}**.",
+    ]
+    for k, v in ab.items():
+        lines.append(f"- Zero-ablating the {k.replace('_', ' ')}: repeated-copy loss "
+                     f"{v['second_half']:.3f} nats (first copy {v['first_half']:.3f}).")
+    lines += ["", "Induction scores:", "", _mat(f["induction_scores"]), "",
+              "Previous-token scores:", "", _mat(f["prev_token_scores"])]
+    return lines
+
+
+def _render_multitask(f: dict[str, Any]) -> list[str]:
+    acc, tr, ld = f["accuracy"], f["accuracy_train_split"], f["logit_diff"]
+    lines = [
+        "A 4-layer GPT-2 trained on a mixture of the multitask language's tasks "
+        "(`language.TASKS`). Accuracy = top next-word prediction is the answer, on 400 prompts "
+        "built from held-out names, surnames, places, objects and noun pairs (`split='test'`); "
+        "`train split` uses the training word lists with fresh combinations.", "",
+        "| task | accuracy (held-out words) | accuracy (train words) | logit diff |",
+        "|---|---|---|---|",
+    ]
+    for t in acc:
+        lines.append(f"| {t} | {acc[t]:.3f} | {tr.get(t, float('nan')):.3f} | {ld[t]:.2f} |")
+    lines += ["", "## Induction", "",
+              f"- Previous-token heads: **{_heads(f['prev_token_heads'])}**; induction heads: "
+              f"**{_heads(f['induction_heads'])}**.",
+              f"- Repeat loss: first copy {f['repeat_loss']['first_half']:.3f}, repeated copy "
+              f"{f['repeat_loss']['second_half']:.3f} nats.", ""]
+
+    def task(key: str, title: str, what: str, attend: str) -> list[str]:
+        r = f[key]
+        out = [f"## {title}", "", f"Family: template {r['template']}, e.g. `{r['example']}`; "
+               f"{what}. Clean logit diff {r['clean_logit_diff']:.2f}, corrupted "
+               f"{r['corrupted_logit_diff']:.2f}.", "",
+               "- Direct logit attribution at END (head, DLA, attention from END): " + "; ".join(
+                   f"**{h}** {v:.2f} (" + ", ".join(f"{p} {a:.2f}" for p, a in att.items()) + ")"
+                   for h, v, att in r["dla_top"]),
+               "- Patching each head's output clean -> corrupted, fraction of logit diff "
+               f"restored: {_heads(r['patching_top'])}.", "",
+               "DLA per head:", "", _mat(r["dla"]), "",
+               f"Attention from END to {attend}:", "", _mat(r["attention"][attend]), ""]
+        return out
+
+    lines += task("ioi", "IOI (ABC corruption)", "answer IO vs counterfactual S", "IO")
+    lines += task("ioi_flip", "IOI (flip corruption: S2 := IO)", "answer IO vs S", "IO")
+    lines += task("recall", "Name recall", "answer the surname vs another surname", "SURNAME")
+    lines += task("contraction", "Contraction", "answer the earlier style vs the other style",
+                  "V1")
+    lines += task("gender", "Gender", "answer he/she vs the other", "NOUN")
+    rp = f["gender"]["resid_patching"]
+    lines += ["Residual-stream patching (gender, restored fraction; rows = resid_pre of each "
+              "layer, last row = final resid_post; columns = positions):", "",
+              "| layer | " + " | ".join(rp["words"]) + " |", "|---" * (len(rp["words"]) + 1) + "|"]
+    lines += [f"| {la} | " + " | ".join(f"{v:.2f}" for v in row) + " |"
+              for la, row in enumerate(rp["restored"])]
+    return lines
+
+
+RENDERERS = {"bigram": _render_bigram, "induction": _render_induction,
+             "multitask": _render_multitask}
+
+
+def findings_for(name: str, model, out_dir: Path | None = None) -> dict[str, Any]:
+    if name == "bigram":
+        return bigram_findings(model, None if out_dir is None else out_dir / "bigram_pca.png")
+    if name == "induction":
+        return induction_findings(model)
+    if name == "multitask":
+        return multitask_findings(model)
+    raise ValueError(f"organism {name!r}: choose one of {', '.join(RENDERERS)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mechtests.models import describe, load_model
+    from mechtests.organisms import fixture_dir
+
+    p = argparse.ArgumentParser(prog="python -m mechtests.organisms.analysis",
+                                description="Measure an organism's mechanism; write findings.")
+    p.add_argument("organism", choices=sorted(RENDERERS))
+    p.add_argument("--dir", type=Path, default=None, help="checkpoint dir (default: shipped)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    d = a.dir or fixture_dir(a.organism)
+    model = load_model(str(d), device="cpu")
+    f = findings_for(a.organism, model, d)
+    training = json.loads((d / "training.json").read_text()) if (d / "training.json").is_file() \
+        else {}
+    f = {"organism": a.organism, "model": describe(model),
+         "command": training.get("command", "?").replace("--out DIR", f"--out {d.name}"), **f}
+    (d / "findings.json").write_text(json.dumps(f, indent=1, sort_keys=True) + "\n")
+    (d / "FINDINGS.md").write_text(render(a.organism, f))
+    print((d / "FINDINGS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

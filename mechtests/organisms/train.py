@@ -47,7 +47,11 @@ class Recipe:
     seed: int = 0
     warmup: int = 100
     weight_decay: float = 0.01
-    answer_weight: float = 1.0  # extra loss weight on each document's answer token
+    answer_weight: float = 1.0  # loss weight of each document's answer token
+    # "all": next-word loss on every word; "answer": only on what the task makes predictable
+    # (a document's answer; the second copy of a repeated segment, from its second word on).
+    # Unpredictable words (random names, the first copy) only add noise that delays induction.
+    loss: str = "all"
     init_from: str | None = None
 
 
@@ -57,7 +61,7 @@ RECIPES = {
     "bigram": Recipe("bigram", n_layer=0, n_embd=64, n_head=1, n_inner=256, n_positions=64,
                      steps=1500, batch=64, lr=1e-2),
     "induction": Recipe("induction", n_layer=2, n_embd=64, n_head=4, n_inner=256, n_positions=48,
-                        steps=1200, batch=64, lr=1e-3, mix={"repeat": 1.0}),
+                        steps=1200, batch=64, lr=1e-3, mix={"repeat": 1.0}, loss="answer"),
     "multitask": Recipe("multitask", n_layer=4, n_embd=128, n_head=4, n_inner=256,
                         n_positions=48, steps=3000, batch=64, lr=2e-3, answer_weight=3.0,
                         mix={"ioi": 0.3, "recall": 0.2, "contraction": 0.15, "gender": 0.15,
@@ -155,8 +159,13 @@ def make_batch(r: Recipe, step: int, ids: dict[str, int]):
     weights = torch.zeros(len(seqs), T - 1)
     for i, (s, d) in enumerate(zip(seqs, docs)):
         tokens[i, : len(s)] = torch.tensor(s)
-        weights[i, : len(s) - 1] = 1.0
-        if d["task"] != "repeat":  # the answer token follows the prompt (+ <bos>)
+        # weights[i, j] is the loss on word j (token j + 1, after <bos>)
+        if r.loss == "all":
+            weights[i, : len(s) - 1] = 1.0
+        if d["task"] == "repeat":
+            prefix, length = d["template"]
+            weights[i, prefix + length + 1: prefix + 2 * length] = 1.0
+        else:
             weights[i, len(d["clean"].split())] = r.answer_weight
     return tokens, weights
 

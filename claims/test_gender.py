@@ -1,0 +1,81 @@
+"""Gender directions: neurons and a steering vector that move the he/she prediction.
+
+"The king said that" -> " he", "The queen said that" -> " she". The difference of the mean
+residual stream between prompts about men and prompts about women (at the last position) is a
+steering vector: added to prompts about women with scale alpha, it moves logit(he) - logit(she)
+in proportion to alpha ("activation addition", Turner et al. 2023; difference-of-means
+directions, Marks & Tegmark 2023). The MLP neurons that most separate the two sets
+("knowledge neurons", Dai et al. 2022) push towards the pronoun of the set they fire for:
+patching the top one from the male prompts into the female ones moves the prediction towards
+" he". GPT-2's layer is this suite's hypothesis (no published number); the organism's is from
+its own analysis (FINDINGS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from claims.families import family, kinds
+from mechtests import metrics as M
+from mechtests.attribution import mean_difference_direction, separating_neurons, steering_sweep
+from mechtests.claims import holds, reference
+from mechtests.engine import engine_for
+from mechtests.patching import sweep
+
+
+@dataclass(frozen=True)
+class Gender:
+    steer_layer: int  # resid_pre layer where the direction is taken and added
+    neuron_layer: int  # MLP layer searched for separating neurons
+
+
+REFS = {"gpt2": Gender(6, 10), "multitask": Gender(2, 1)}
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SOURCE = "Turner et al. 2023 (activation addition); Dai et al. 2022 (knowledge neurons)"
+SUBJECTS = list(REFS)
+
+
+def _setup(subject, kind):
+    name, ref = reference(subject, REFS)
+    return ref, family("gender", name, kind).tokenize(subject.model)
+
+
+@pytest.mark.claim(id="gender.steering", source=SOURCE, subjects=SUBJECTS)
+@pytest.mark.parametrize("kind", kinds("gender"))
+def test_mean_difference_steers_in_proportion(subject, kind, record):
+    ref, fam = _setup(subject, kind)
+    end = fam.positions["END"]
+    male, female = fam.clean, fam.corrupted  # clean prompts are about men, answer " he"
+    direction = mean_difference_direction(subject.model, male, female, ref.steer_layer, end, end)
+    res = steering_sweep(subject.model, female, direction, ref.steer_layer, ALPHAS,
+                         fam.logit_diff(), pos=end, steer_pos=end)
+    record.heatmap(res, title="logit(he) - logit(she) against alpha")
+    gap = float(fam.logit_diff()(engine_for(subject.model).run(male, logits_at=-1)[0]).mean()
+                - res.values[0])
+    holds(res.meta["r2"], ">=", 0.95, "r^2 of the logit diff against alpha",
+          "in proportion to the scale added", record)
+    holds(res.meta["slope"] / gap, ">=", 0.5,
+          "slope, as a fraction of the male-female logit diff gap",
+          "alpha = 1 closes at least half of the gap", record, gap=gap)
+
+
+@pytest.mark.claim(id="gender.neurons", source=SOURCE, subjects=SUBJECTS)
+@pytest.mark.parametrize("kind", kinds("gender"))
+def test_most_separating_neuron_pushes_towards_its_pronoun(subject, kind, record,
+                                                           heatmap_snapshot):
+    ref, fam = _setup(subject, kind)
+    end = fam.positions["END"]
+    sep = separating_neurons(subject.model, fam.clean, fam.corrupted, ref.neuron_layer, end, end)
+    neuron = int(sep.top_k(1)[0][0].split(".")[1])
+    patched = sweep(engine_for(subject.model), "mlp_post", fam.clean, fam.corrupted,
+                    fam.logit_diff(), by=("layer", "neuron"), layers=[ref.neuron_layer],
+                    neurons=[neuron])
+    moved = patched.per_prompt.reshape(-1) - torch.tensor(patched.meta["corrupted_per_prompt"])
+    est = M.estimate(moved)
+    holds(est.ci_low, ">", 0.0,
+          f"change in logit(he) - logit(she) from neuron {ref.neuron_layer}.{neuron} (male "
+          f"activation into female prompts)", "it moves the prediction towards ' he'", record,
+          separation=sep.top_k(3), estimate=str(est))

@@ -1,0 +1,118 @@
+"""Indirect object identification (Wang et al. 2022, arXiv 2211.00593).
+
+"When Mary and John went to the store, John gave a drink to" -> Mary. The model prefers the
+indirect object (IO) over the subject (S); name mover heads (GPT-2: 9.9, 9.6, 10.0) attend from
+the last token to the IO and copy it, so they carry the largest positive direct logit
+attribution; negative name movers (GPT-2: 10.7, 11.10) write against it; knocking the name
+movers out lowers the logit difference. Measured on BABA and ABBA families (several templates,
+many names): metric logit(IO) - logit(S) at the last position.
+
+GPT-2 numbers (TransformerLens Exploratory Analysis Demo, 8 prompts): mean logit diff 3.552
+(per prompt 1.72-5.77); head DLA 9.9 2.985, 9.6 1.384, 10.0 0.561, next 10.10 0.480; most
+negative 10.7 -1.899, 11.10 -0.970; zero-ablating 9.9 alone at the last position takes the
+mean logit diff from 3.55 to 2.92 (backup heads compensate). The organism's heads and numbers
+are those of its own analysis (fixtures/organisms/multitask/FINDINGS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from claims.families import family, kinds
+from mechtests import metrics as M
+from mechtests.attribution import head_attribution
+from mechtests.claims import holds, holds_set, reference
+from mechtests.engine import engine_for
+from mechtests.heads import attention_between
+from mechtests.patching import ablate
+
+
+@dataclass(frozen=True)
+class IOI:
+    name_movers: tuple[str, ...]
+    negative_name_movers: tuple[str, ...]  # empty where the analysis found none
+    min_logit_diff: float  # bound on the CI's lower end
+    min_knockout_drop: float  # fraction of the logit diff lost when the name movers go
+
+
+REFS = {
+    # every published prompt clears 1.7; knocking out 9.9 alone costs 18% (3.55 -> 2.92), so
+    # the three name movers together must cost at least that
+    "gpt2": IOI(("9.9", "9.6", "10.0"), ("10.7", "11.10"), 1.0, 0.18),
+    "multitask": IOI(("3.1",), (), 1.0, 0.5),
+}
+SOURCE = "Wang et al. 2022 (IOI); TransformerLens Exploratory Analysis Demo"
+SUBJECTS = list(REFS)
+FAMILIES = kinds("ioi")
+
+
+def _setup(subject, kind):
+    name, ref = reference(subject, REFS)
+    fam = family("ioi", name, kind).tokenize(subject.model)
+    return ref, fam
+
+
+def _logit_diff(subject, tokens, fam) -> M.Estimate:
+    logits, _ = engine_for(subject.model).run(tokens, logits_at=-1)
+    return M.evaluate(fam.logit_diff(), logits, [p.clean for p in fam.family.prompts])
+
+
+@pytest.mark.claim(id="ioi.logit_diff", source=SOURCE, subjects=SUBJECTS)
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_model_prefers_the_indirect_object(subject, kind, record):
+    ref, fam = _setup(subject, kind)
+    est = _logit_diff(subject, fam.clean, fam)
+    holds(est.ci_low, ">=", ref.min_logit_diff, "logit(IO) - logit(S), 95% CI lower bound",
+          "IO at least e times as likely as S; every published GPT-2 prompt clears 1.7",
+          record, estimate=str(est))
+
+
+@pytest.mark.claim(id="ioi.name_movers", source=SOURCE, subjects=SUBJECTS)
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_name_movers_have_the_largest_direct_effect(subject, kind, record, heatmap_snapshot):
+    ref, fam = _setup(subject, kind)
+    dla = head_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
+    record.heatmap(dla, title=f"direct logit attribution by head ({kind})")
+    assert heatmap_snapshot(name="head_dla") == dla
+    top = [h for h, _ in dla.top_k(len(ref.name_movers))]
+    holds_set(top, ref.name_movers, "heads with the largest positive direct logit attribution",
+              "the name movers write the IO's unembedding", record,
+              values=dla.top_k(len(ref.name_movers) + 2))
+    if ref.negative_name_movers:
+        bottom = [h for h, _ in dla.top_k(len(ref.negative_name_movers), largest=False)]
+        holds_set(bottom, ref.negative_name_movers, "heads with the most negative attribution",
+                  "negative name movers write against the IO", record)
+
+
+@pytest.mark.claim(id="ioi.name_mover_attention", source=SOURCE, subjects=SUBJECTS)
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_name_movers_attend_to_the_indirect_object(subject, kind, record, heatmap_snapshot):
+    ref, fam = _setup(subject, kind)
+    end = fam.positions["END"]
+    to_io = attention_between(subject.model, fam.clean, end, fam.positions["IO"])
+    to_s = attention_between(subject.model, fam.clean, end, fam.positions["S2"])
+    record.heatmap(to_io, title=f"attention END -> IO ({kind})")
+    assert heatmap_snapshot(name="attention_end_to_io") == to_io
+    for head in ref.name_movers:
+        layer, h = (int(x) for x in head.split("."))
+        diff = to_io.per_prompt[:, layer, h] - to_s.per_prompt[:, layer, h]
+        est = M.estimate(diff)
+        holds(est.ci_low, ">", 0.0, f"attention of {head} from END to IO minus to S2 (CI low)",
+              "a name mover attends to the name it copies", record, estimate=str(est))
+
+
+@pytest.mark.claim(id="ioi.knockout", source=SOURCE, subjects=SUBJECTS)
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_knocking_out_name_movers_lowers_logit_diff(subject, kind, record):
+    ref, fam = _setup(subject, kind)
+    engine = engine_for(subject.model)
+    before = _logit_diff(subject, fam.clean, fam).mean
+    knocked = ablate(engine, fam.clean, list(ref.name_movers), fam.logit_diff(), how="mean",
+                     reference=fam.corrupted, together=True)
+    after = float(knocked.values.reshape(-1)[0])
+    drop = (before - after) / before
+    holds(drop, ">=", ref.min_knockout_drop,
+          f"fraction of the logit diff lost with {list(ref.name_movers)} mean-ablated",
+          "see REFS", record, before=before, after=after)

@@ -1,0 +1,91 @@
+"""Residual stream patching restores the answer, and where it does tells the story.
+
+"Michelle Jones was a top-notch student. Michelle" -> " Jones" (GPT-2 small, no BOS), corrupted
+with " Smith"; metric logit(" Jones") - logit(" Smith") at the last position; the clean
+resid_pre of each (layer, position) is patched into the corrupted run, one at a time, and the
+restoration normalised (0 corrupted, 1 clean). Published shape (an activation patching course
+exercise): position 0 has no effect; the surname position carries the answer through the early
+and middle layers; the positions in between have no effect; the last position matters only in
+late layers. Also measured on a family of name-recall prompts (several first names, surnames
+and templates). The organism's layer ranges come from its own analysis (FINDINGS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from claims.families import family, kinds
+from mechtests.claims import holds, reference
+from mechtests.engine import engine_for
+from mechtests.patching import sweep
+
+
+@dataclass(frozen=True)
+class Recall:
+    surname_layers: tuple[int, ...]  # layers whose resid_pre at the surname restores the answer
+    end_layers: tuple[int, ...]  # layers whose resid_pre at the last position restores it
+    early_end_layers: tuple[int, ...]  # layers where patching the last position does nothing
+
+
+REFS = {
+    "gpt2": Recall(tuple(range(0, 6)), (11,), (0, 1, 2, 3)),
+    "multitask": Recall((0, 1), (3,), (0,)),
+}
+CARRIES = 0.7  # "carries the answer": restores most of the clean logit diff
+NO_EFFECT = 0.15  # "no effect": within 15% of the corrupted run
+SOURCE = "activation patching course exercise (Michelle Jones); Meng et al. 2022 (causal tracing)"
+SUBJECTS = list(REFS)
+
+
+def restoration(subject, kind):
+    name, ref = reference(subject, REFS)
+    fam = family("recall", name, kind).tokenize(subject.model)
+    result = sweep(engine_for(subject.model), "resid_pre", fam.clean, fam.corrupted,
+                   fam.logit_diff(), by=("layer", "pos"))
+    norm = result.normalized(result.meta["clean"], result.meta["corrupted"])
+    return ref, fam, norm
+
+
+def _at(norm, layers, positions: torch.Tensor) -> torch.Tensor:
+    """Per-prompt restoration at each prompt's own position, [n_prompts, len(layers)]."""
+    pp = norm.per_prompt[:, list(layers)]  # [n, layers, T]
+    return pp.gather(2, positions[:, None, None].expand(-1, len(layers), 1))[..., 0]
+
+
+@pytest.mark.claim(id="recall.resid_patching", source=SOURCE, subjects=SUBJECTS)
+@pytest.mark.parametrize("kind", kinds("recall"))
+def test_surname_then_last_position_carry_the_answer(subject, kind, record, heatmap_snapshot):
+    ref, fam, norm = restoration(subject, kind)
+    record.heatmap(norm, title=f"resid_pre patching, normalised ({kind})")
+    assert heatmap_snapshot(name="resid_pre_restoration") == norm
+    surname, end = fam.positions["SURNAME"], fam.positions["END"]
+    holds(float(_at(norm, ref.surname_layers, surname).mean(0).min()), ">=", CARRIES,
+          f"restoration at the surname, worst of layers {list(ref.surname_layers)}",
+          "the answer lives at the surname in early and middle layers", record)
+    holds(float(_at(norm, ref.end_layers, end).mean(0).min()), ">=", CARRIES,
+          f"restoration at the last position, worst of layers {list(ref.end_layers)}",
+          "late layers have moved the answer to the last position", record)
+    holds(float(_at(norm, ref.early_end_layers, end).mean(0).abs().max()), "<=", NO_EFFECT,
+          f"|restoration| at the last position, layers {list(ref.early_end_layers)}",
+          "early on the last position does not yet hold the answer", record)
+
+
+@pytest.mark.claim(id="recall.no_effect_elsewhere", source=SOURCE, subjects=SUBJECTS)
+@pytest.mark.parametrize("kind", kinds("recall"))
+def test_first_and_in_between_positions_have_no_effect(subject, kind, record):
+    _, fam, norm = restoration(subject, kind)
+    pp = norm.per_prompt  # [n, layer, T]
+    n, _, T = pp.shape
+    pos = torch.arange(T)
+    surname, end = fam.positions["SURNAME"], fam.positions["END"]
+    # positions strictly after the surname and before the last token, plus position 0 when it
+    # is not the surname itself
+    between = (pos[None] > surname[:, None]) & (pos[None] < end[:, None])
+    first = (pos[None] == 0) & (surname[:, None] != 0)
+    mask = (between | first)[:, None, :].expand_as(pp)
+    worst = float(pp.abs().masked_select(mask).max()) if mask.any() else 0.0
+    holds(worst, "<=", NO_EFFECT, "largest |restoration| at the first and in-between positions",
+          "only the surname and the last position carry the answer", record)

@@ -1,0 +1,443 @@
+"""Every batched sweep equals TransformerLens's own (or a one-patch-per-forward hook loop)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from mechtests import patching as P
+from mechtests.engine import Engine
+from mechtests.models import load_model
+
+ATOL = 1e-4
+
+
+def save_rich_checkpoint(path, n_layer=3, seed=0):
+    """A tiny GPT-2 whose LayerNorms and biases are not the init defaults (folding matters)."""
+    from transformers import GPT2LMHeadModel
+
+    from mechtests.testing import save_tiny_checkpoint
+
+    save_tiny_checkpoint(path, n_layer=n_layer, seed=seed)
+    model = GPT2LMHeadModel.from_pretrained(path)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    model = load_model(str(save_rich_checkpoint(tmp_path_factory.mktemp("rich") / "m")), "cpu")
+    return model, Engine(model)
+
+
+def make_prompts(vocab: int, n: int, T: int, seed: int):
+    """Clean/corrupted pairs whose corruptions sit at different positions per prompt (different
+    templates), plus a per-prompt logit-difference metric."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(2, vocab, (n, T), generator=g)
+    clean[:, 0] = 0  # a shared BOS
+    corrupted = clean.clone()
+    for i in range(n):
+        at = 1 + (2 * i + seed) % (T - 1)
+        corrupted[i, at] = (clean[i, at] + 1 + i) % (vocab - 2) + 2
+    ans = torch.randint(2, vocab, (n,), generator=g)
+    cf = (ans + 3) % vocab
+
+    def metric(logits):
+        a = ans.expand(logits.shape[:-1])[..., None]
+        c = cf.expand(logits.shape[:-1])[..., None]
+        return logits.gather(-1, a)[..., 0] - logits.gather(-1, c)[..., 0]
+
+    return clean, corrupted, metric
+
+
+@pytest.fixture(scope="module", params=[(1, 7), (3, 8)], ids=["one-prompt", "family"])
+def prompts(rich, request):
+    n, T = request.param
+    return make_prompts(rich[0].cfg.d_vocab, n, T, seed=n)
+
+
+def tl_metric(metric, read=-1):
+    return lambda logits: metric(logits[:, read])
+
+
+# site, TL sweep, by, permutation from TL's [cells..., batch] to ours [batch, cells...]
+TL_SWEEPS = [
+    ("resid_pre", tlp.get_act_patch_resid_pre, ("layer", "pos"), (2, 0, 1)),
+    ("attn_out", tlp.get_act_patch_attn_out, ("layer", "pos"), (2, 0, 1)),
+    ("mlp_out", tlp.get_act_patch_mlp_out, ("layer", "pos"), (2, 0, 1)),
+    ("z", tlp.get_act_patch_attn_head_out_all_pos, ("layer", "head"), (2, 0, 1)),
+    ("q", tlp.get_act_patch_attn_head_q_all_pos, ("layer", "head"), (2, 0, 1)),
+    ("k", tlp.get_act_patch_attn_head_k_all_pos, ("layer", "head"), (2, 0, 1)),
+    ("v", tlp.get_act_patch_attn_head_v_all_pos, ("layer", "head"), (2, 0, 1)),
+    ("pattern", tlp.get_act_patch_attn_head_pattern_all_pos, ("layer", "head"), (2, 0, 1)),
+    ("z", tlp.get_act_patch_attn_head_out_by_pos, ("layer", "head", "pos"), (3, 0, 2, 1)),
+    ("q", tlp.get_act_patch_attn_head_q_by_pos, ("layer", "head", "pos"), (3, 0, 2, 1)),
+    ("k", tlp.get_act_patch_attn_head_k_by_pos, ("layer", "head", "pos"), (3, 0, 2, 1)),
+    ("v", tlp.get_act_patch_attn_head_v_by_pos, ("layer", "head", "pos"), (3, 0, 2, 1)),
+    ("pattern", tlp.get_act_patch_attn_head_pattern_by_pos, ("layer", "head", "pos"),
+     (3, 0, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("site,tl_fn,by,perm", TL_SWEEPS,
+                         ids=[f"{s}-{'/'.join(b)}" for s, _, b, _ in TL_SWEEPS])
+def test_sweep_equals_transformer_lens(rich, prompts, site, tl_fn, by, perm):
+    model, engine = rich
+    clean, corrupted, metric = prompts
+    ours = P.sweep(engine, site, clean, corrupted, metric, by=by)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+        tl = tl_fn(model, corrupted, clean_cache, tl_metric(metric), reduce="none").values
+    assert ours.per_prompt.shape == tl.permute(*perm).shape
+    assert torch.allclose(ours.per_prompt, tl.permute(*perm), atol=ATOL)
+    assert torch.allclose(ours.values, ours.per_prompt.mean(0))
+    assert ours.axes == by and len(ours.labels["layer"]) == engine.n_layers
+
+
+def hook_loop(engine, base, source, site_names, metric, read=-1):
+    """Reference: one forward per patch on the engine, replacing ``site[idx]`` with source's."""
+    _, src = engine.run(source, site_names)
+
+    def run(name, idx):
+        def edit(a):
+            a = a.clone()
+            a[idx] = src[name][idx]
+            return a
+        logits, _ = engine.run(base, edits={name: edit})
+        return metric(logits[torch.arange(len(base)), read])
+    return run
+
+
+def test_resid_mid_equals_hook_loop(rich, prompts):
+    """The bridge's hook_resid_mid is an alias of ln2.hook_in (patching it changes only the MLP
+    input), so TL's get_act_patch_resid_mid is not the residual-stream patch; compare with a
+    hook loop on the full residual instead."""
+    _, engine = rich
+    clean, corrupted, metric = prompts
+    names = [f"blocks.{la}.hook_resid_mid" for la in range(engine.n_layers)]
+    ref = hook_loop(engine, corrupted, clean, names, metric)
+    ours = P.patch_resid_mid(engine, clean, corrupted, metric)
+    for la, p in itertools.product(range(engine.n_layers), range(clean.shape[1])):
+        want = ref(names[la], (slice(None), p))
+        assert torch.allclose(ours.per_prompt[:, la, p], want, atol=ATOL)
+
+
+def test_noising_equals_transformer_lens(rich, prompts):
+    model, engine = rich
+    clean, corrupted, metric = prompts
+    ours = P.patch_resid_pre(engine, clean, corrupted, metric, direction="noise")
+    with torch.no_grad():
+        _, corrupted_cache = model.run_with_cache(corrupted)
+        tl = tlp.get_act_patch_resid_pre(model, clean, corrupted_cache, tl_metric(metric),
+                                         reduce="none").values
+    assert torch.allclose(ours.per_prompt, tl.permute(2, 0, 1), atol=ATOL)
+    assert ours.meta["direction"] == "noise"
+
+
+def test_per_prompt_read_position_and_tiny_budget(rich):
+    model, engine = rich
+    clean, corrupted, metric = make_prompts(model.cfg.d_vocab, 3, 8, seed=5)
+    read = torch.tensor([7, 3, 5])
+    ours = P.sweep(engine, "k", clean, corrupted, metric, by=("layer", "head", "pos"),
+                   read_pos=read, memory_budget_mb=0.01)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+        tl = tlp.get_act_patch_attn_head_k_by_pos(
+            model, corrupted, clean_cache, lambda lg: metric(lg[torch.arange(3), read]),
+            reduce="none").values
+    assert torch.allclose(ours.per_prompt, tl.permute(3, 0, 2, 1), atol=ATOL)
+
+
+def test_neurons_equal_hook_loop(rich, prompts):
+    _, engine = rich
+    clean, corrupted, metric = prompts
+    positions, neurons = [2, clean.shape[1] - 1], [0, 5, 77, 127]
+    ours = P.patch_neurons(engine, clean, corrupted, metric, positions=positions, neurons=neurons)
+    names = [f"blocks.{la}.mlp.hook_post" for la in range(engine.n_layers)]
+    ref = hook_loop(engine, corrupted, clean, names, metric)
+    for la, (j, n) in itertools.product(range(engine.n_layers), enumerate(neurons)):
+        want = ref(names[la], (slice(None), positions, n))
+        assert torch.allclose(ours.per_prompt[:, la, j], want, atol=ATOL)
+    assert ours.meta["positions"] == positions
+
+
+@pytest.mark.parametrize("component", ["q", "k", "v"])
+def test_path_patching_equals_transformer_lens_direct_path(rich, prompts, component):
+    model, engine = rich
+    clean, corrupted, metric = prompts
+    with torch.no_grad():
+        _, cc = model.run_with_cache(clean)
+        _, kc = model.run_with_cache(corrupted)
+        for src in [(0, 1), (1, 3)]:
+            tl = tlp.get_act_patch_direct_path(model, corrupted, cc, kc,
+                                               lambda lg: metric(lg[:, -1]).mean(), *src,
+                                               component=component, verbose=False)
+            for dst in [(1, 2), (2, 0)]:
+                if dst[0] <= src[0]:
+                    continue
+                ours = P.path_patch(engine, clean, corrupted, metric, [f"{dst[0]}.{dst[1]}"],
+                                    component=component)
+                assert abs(ours.at(layer=src[0], head=src[1]) - float(tl[dst])) < ATOL
+
+
+def test_path_patching_to_a_set_equals_hook_loop(rich, prompts):
+    """Two receivers in different layers: each receiver's query input gets the sender's write."""
+    _, engine = rich
+    clean, corrupted, metric = prompts
+    ours = P.path_patch(engine, clean, corrupted, metric, ["1.2", "2.0"], component="q")
+    _, cz = engine.run(clean, ["blocks.0.attn.hook_z"])
+    _, kz = engine.run(corrupted, ["blocks.0.attn.hook_z"])
+    write = (cz["blocks.0.attn.hook_z"][:, :, 3] - kz["blocks.0.attn.hook_z"][:, :, 3]) \
+        @ engine.W_O[0, 3]
+    acts = {}
+
+    def grab(name):
+        def f(a):
+            acts[name] = a
+            return a
+        return f
+
+    def recv(layer, head):
+        def f(q):
+            x = acts[f"blocks.{layer}.hook_resid_pre"] + write
+            x = x - x.mean(-1, keepdim=True)
+            x = x / (x.pow(2).mean(-1, keepdim=True) + engine.eps).sqrt()
+            q = q.clone()
+            q[:, :, head] = x @ engine.W_Q[layer, head] + engine.b_Q[layer, head]
+            return q
+        return f
+    edits = {"blocks.1.hook_resid_pre": grab("blocks.1.hook_resid_pre"),
+             "blocks.2.hook_resid_pre": grab("blocks.2.hook_resid_pre"),
+             "blocks.1.attn.hook_q": recv(1, 2), "blocks.2.attn.hook_q": recv(2, 0)}
+    logits, _ = engine.run(corrupted, edits=edits, logits_at=-1)
+    assert torch.allclose(ours.per_prompt[:, 0, 3], metric(logits), atol=ATOL)
+    # senders in or after the last receiver's layer change nothing
+    assert torch.allclose(ours.per_prompt[:, 2], torch.tensor(ours.meta["corrupted_per_prompt"])
+                          [:, None].expand(-1, engine.n_heads), atol=ATOL)
+
+
+ABLATED = [("0.1", "blocks.0.attn.hook_z", (slice(None), slice(None), 1)),
+           ("2.3", "blocks.2.attn.hook_z", (slice(None), slice(None), 3)),
+           ("attn1", "blocks.1.hook_attn_out", (slice(None),)),
+           ("mlp0", "blocks.0.hook_mlp_out", (slice(None),)),
+           ("mlp2.5", "blocks.2.mlp.hook_post", (slice(None), slice(None), 5))]
+
+
+@pytest.mark.parametrize("how", ["zero", "mean", "resample"])
+def test_ablations_equal_transformer_lens_hooks(rich, prompts, how):
+    model, engine = rich
+    _, tokens, metric = prompts
+    reference = make_prompts(model.cfg.d_vocab, 5, tokens.shape[1], seed=9)[0]
+    names = [c for c, _, _ in ABLATED]
+    values = P.ablation_values(engine, tokens, {n for _, n, _ in ABLATED}, how, reference)
+
+    def hook(name, idx):
+        def f(a, hook=None):
+            a = a.clone()
+            a[idx] = values[name][idx]
+            return a
+        return (name, f)
+    singly = P.ablate(engine, tokens, names, metric, how=how, reference=reference)
+    together = P.ablate(engine, tokens, names, metric, how=how, reference=reference,
+                        together=True)
+    with torch.no_grad():
+        for j, (_, name, idx) in enumerate(ABLATED):
+            ref = metric(model.run_with_hooks(tokens, fwd_hooks=[hook(name, idx)])[:, -1])
+            assert torch.allclose(singly.per_prompt[:, j], ref, atol=ATOL)
+        all_hooks = [hook(n, i) for _, n, i in ABLATED]
+        ref = metric(model.run_with_hooks(tokens, fwd_hooks=all_hooks)[:, -1])
+    assert torch.allclose(together.per_prompt[:, 0], ref, atol=ATOL)
+    assert together.labels["component"] == ["+".join(names)]
+    if how == "zero":
+        assert values["blocks.0.attn.hook_z"].abs().max() == 0
+    if how == "mean":
+        _, ref_acts = engine.run(reference, ["blocks.1.hook_attn_out"])
+        assert torch.allclose(values["blocks.1.hook_attn_out"][0],
+                              ref_acts["blocks.1.hook_attn_out"].mean(0))
+
+
+def test_resample_is_seeded(rich, prompts):
+    model, engine = rich
+    _, tokens, metric = prompts
+    reference = make_prompts(model.cfg.d_vocab, 6, tokens.shape[1], seed=9)[0]
+    a = P.ablate(engine, tokens, ["1.1"], metric, how="resample", reference=reference, seed=3)
+    b = P.ablate(engine, tokens, ["1.1"], metric, how="resample", reference=reference, seed=3)
+    assert torch.equal(a.per_prompt, b.per_prompt)
+
+
+def test_attribution_equals_transformer_lens(rich, prompts):
+    """TL's attribution_patch scores embed/head/MLP nodes per position, prompt by prompt."""
+    from transformer_lens.tools.analysis import attribution_patch as tl_attribution_patch
+
+    model, engine = rich
+    clean, corrupted, _ = prompts
+
+    def fixed(logits):  # TL calls its metric per prompt without the index: same for all
+        return logits[..., 5] - logits[..., 7]
+    tl = tl_attribution_patch(model, clean, corrupted, lambda lg: fixed(lg[0, -1]))
+    ours = P.attribution_patches(engine, [("z", ("layer", "head", "pos")), "mlp_out",
+                                          "resid_pre"], clean, corrupted, fixed)
+    z, mlp, resid = (ours[k].values for k in ("z:layer/head/pos", "mlp_out", "resid_pre"))
+    seen = 0
+    for node, score in tl.node_scores.items():
+        if node.kind == "attn_head_out":
+            mine = z[node.layer, node.head, node.position]
+        elif node.kind == "mlp_out":
+            mine = mlp[node.layer, node.position]
+        elif node.kind == "embed":
+            mine = resid[0, node.position]
+        else:
+            continue
+        assert abs(float(mine) - score) < ATOL
+        seen += 1
+    assert seen == clean.shape[1] * (1 + engine.n_layers * (engine.n_heads + 1))
+
+
+HOOK = {**{s: h for s, (h, _) in P.RESID_SITES.items()}, **P.HEAD_SITES, **P.NEURON_SITES}
+
+
+@pytest.mark.parametrize("site", P.SITES)
+def test_attribution_is_the_directional_derivative(rich, site):
+    """Each cell = d metric / d eps with the cell's activation moved by eps * (source - base),
+    computed independently through an edit; and it ranks like the exact sweep's effects."""
+    model, engine = rich
+    clean, corrupted, metric = make_prompts(model.cfg.d_vocab, 2, 7, seed=2)
+    approx = P.attribution_patch(engine, site, clean, corrupted, metric)
+    exact = P.sweep(engine, site, clean, corrupted, metric)
+    assert approx.axes == exact.axes and approx.values.shape == exact.values.shape
+    layer, j = 1, 2
+    name = f"blocks.{layer}.{HOOK[site]}"
+    _, src = engine.run(clean, [name])
+    idx = {"pos": (slice(None), j), "head": (slice(None), slice(None), j),
+           "neuron": (slice(None), slice(None), j)}[approx.axes[1]]
+    if site == "pattern":
+        idx = (slice(None), j)
+    eps = torch.zeros((), requires_grad=True)
+
+    def nudge(a):
+        a = a.clone()
+        a[idx] = a[idx] + eps * (src[name][idx] - a[idx].detach())
+        return a
+    with torch.enable_grad():
+        logits, _ = engine.run(corrupted, edits={name: nudge}, logits_at=-1)
+        (grad,) = torch.autograd.grad(metric(logits).sum(), eps)
+    assert float(approx.per_prompt[:, layer, j].sum()) == pytest.approx(float(grad), abs=1e-5)
+    if site in ("resid_pre", "z", "mlp_out"):
+        assert P.rank_correlation(approx, exact) > 0.3
+
+
+def test_rank_correlation():
+    from mechtests.result import Result
+
+    def res(v):
+        return Result("r", ("component",), {"component": [str(i) for i in range(len(v))]},
+                      torch.tensor(v, dtype=torch.float32))
+    assert P.rank_correlation(res([1, 2, 3, 4]), res([10, 20, 30, 40])) == pytest.approx(1)
+    assert P.rank_correlation(res([1, 2, 3, 4]), res([4, 3, 2, 1])) == pytest.approx(-1)
+    assert P.rank_correlation(res([1, 1, 2]), res([5, 5, 7])) == pytest.approx(1)
+    with pytest.raises(ValueError, match="same site"):
+        P.rank_correlation(res([1, 2]), res([1, 2, 3]))
+
+
+# -- properties -------------------------------------------------------------------------------
+PROPS = settings(max_examples=12, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@PROPS
+@given(site=st.sampled_from(P.SITES), seed=st.integers(0, 999), n=st.integers(1, 3),
+       T=st.integers(3, 8))
+def test_clean_into_clean_changes_nothing(rich, site, seed, n, T):
+    model, engine = rich
+    clean, _, metric = make_prompts(model.cfg.d_vocab, n, T, seed)
+    r = P.sweep(engine, site, clean, clean, metric)
+    base = torch.tensor(r.meta["clean_per_prompt"])
+    assert torch.allclose(r.per_prompt, base.view(n, *[1] * len(r.axes)).expand_as(r.per_prompt),
+                          atol=ATOL)
+
+
+@PROPS
+@given(seed=st.integers(0, 999), n=st.integers(1, 3), T=st.integers(3, 8),
+       direction=st.sampled_from(["denoise", "noise"]))
+def test_whole_residual_at_layer_0_gives_the_source_metric(rich, seed, n, T, direction):
+    model, engine = rich
+    clean, corrupted, metric = make_prompts(model.cfg.d_vocab, n, T, seed)
+    r = P.sweep(engine, "resid_pre", clean, corrupted, metric, by=("layer",), layers=[0],
+                direction=direction)
+    want = r.meta["clean_per_prompt" if direction == "denoise" else "corrupted_per_prompt"]
+    assert torch.allclose(r.per_prompt[:, 0], torch.tensor(want), atol=ATOL)
+
+
+@PROPS
+@given(site=st.sampled_from(["resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k", "v"]),
+       seed=st.integers(0, 999), T=st.integers(3, 8), data=st.data())
+def test_patch_leaves_earlier_positions_untouched(rich, site, seed, T, data):
+    """Read before the patched position: the metric is the unpatched one, exactly."""
+    model, engine = rich
+    clean, corrupted, metric = make_prompts(model.cfg.d_vocab, 2, T, seed)
+    p = data.draw(st.integers(1, T - 1))
+    read = data.draw(st.integers(0, p - 1))
+    by = ("layer", "pos") if site in P.RESID_SITES else ("layer", "head", "pos")
+    r = P.sweep(engine, site, clean, corrupted, metric, by=by, positions=[p], read_pos=read)
+    base = torch.tensor(r.meta["corrupted_per_prompt"])
+    assert torch.allclose(r.per_prompt.reshape(2, -1), base[:, None].expand(2, r.values.numel()),
+                          atol=1e-6)
+
+
+@PROPS
+@given(seed=st.integers(0, 999), n=st.integers(1, 3), T=st.integers(3, 8))
+def test_normalized_restoration_is_0_unpatched_and_1_fully_patched(rich, seed, n, T):
+    model, engine = rich
+    clean, corrupted, metric = make_prompts(model.cfg.d_vocab, n, T, seed)
+    r = P.sweep(engine, "resid_pre", clean, corrupted, metric, layers=[0])
+    assume(abs(r.meta["clean"] - r.meta["corrupted"]) > 1e-3)
+    norm = r.normalized(r.meta["clean"], r.meta["corrupted"])
+    assert norm.at(layer=0, pos=0) == pytest.approx(0, abs=1e-4)  # BOS: shared, no change
+    full = P.sweep(engine, "resid_pre", clean, corrupted, metric, by=("layer",), layers=[0])
+    assert full.normalized(full.meta["clean"], full.meta["corrupted"]).at(layer=0) \
+        == pytest.approx(1, abs=1e-3)
+
+
+# -- bad input --------------------------------------------------------------------------------
+def test_bad_input_errors(rich):
+    model, engine = rich
+    clean, corrupted, metric = make_prompts(model.cfg.d_vocab, 2, 5, seed=0)
+    with pytest.raises(ValueError, match=r"unknown site 'resid'.*resid_pre, resid_mid"):
+        P.sweep(engine, "resid", clean, corrupted, metric)
+    with pytest.raises(ValueError, match=r"layer 3 out of range: valid layers are 0..2"):
+        P.patch_resid_pre(engine, clean, corrupted, metric, layers=[3])
+    with pytest.raises(ValueError, match=r"head 4 out of range: valid heads are 0..3"):
+        P.patch_head_out(engine, clean, corrupted, metric, heads=[4])
+    with pytest.raises(ValueError, match=r"position 5 out of range.*0..4 \(the prompt has 5"):
+        P.patch_resid_pre(engine, clean, corrupted, metric, positions=[5])
+    with pytest.raises(ValueError, match=r"read position \[9, 9\] beyond the prompt.*0..4"):
+        P.patch_resid_pre(engine, clean, corrupted, metric, read_pos=9)
+    with pytest.raises(ValueError, match=r"one value per prompt.*returned shape \(\)"):
+        P.patch_resid_pre(engine, clean, corrupted, lambda lg: metric(lg).mean())
+    with pytest.raises(ValueError, match=r"swept by one of"):
+        P.sweep(engine, "z", clean, corrupted, metric, by=("layer", "pos"))
+    with pytest.raises(ValueError, match=r"direction must be"):
+        P.sweep(engine, "z", clean, corrupted, metric, direction="sideways")
+    with pytest.raises(ValueError, match=r"same shape"):
+        P.sweep(engine, "z", clean, corrupted[:, :4], metric)
+    with pytest.raises(ValueError, match=r"unknown component 'head9'.*'9.9'"):
+        P.ablate(engine, clean, ["head9"], metric)
+    with pytest.raises(ValueError, match=r"layer 7 out of range.*in component '7.1'"):
+        P.ablate(engine, clean, ["7.1"], metric)
+    with pytest.raises(ValueError, match=r"mean ablation needs reference"):
+        P.ablate(engine, clean, ["1.1"], metric, how="mean")
+    with pytest.raises(ValueError, match=r"'zero', 'mean' or 'resample'"):
+        P.ablate(engine, clean, ["1.1"], metric, how="gaussian")
+    with pytest.raises(ValueError, match=r"receiver 'mlp1' is not a head"):
+        P.path_patch(engine, clean, corrupted, metric, ["mlp1"])
