@@ -9,7 +9,6 @@ on smaller cell sets (see ``cases.cells``).
 from __future__ import annotations
 
 import pytest
-
 from cases import CASES, TASKS, assert_agree, cells, prompts, run_ours, run_tl
 
 IMPLS = ("transformer_lens", "mechtests")
@@ -30,8 +29,7 @@ def test_bench(benchmark, gpt2_small, task, case, impl):
     ours = impl == "mechtests"
     fn = (lambda: run_ours(engine, task, clean, corrupted, sub)) if ours \
         else (lambda: run_tl(model, task, clean, corrupted, sub))
-    slow_tl = not ours and case != "T11xN1"
-    result = benchmark.pedantic(fn, rounds=1 if slow_tl else 3, iterations=1)
+    result = benchmark.pedantic(fn, rounds=3 if ours else 1, iterations=1)
     key = (task, case, full)
     _results[key, impl] = result
     other = "transformer_lens" if ours else "mechtests"

@@ -18,7 +18,7 @@ REFS = {"bigram": None}
 
 
 @pytest.mark.claim(id="bigram.table", source=SOURCE, subjects=["bigram"])
-def test_embedding_times_unembedding_is_the_bigram_table(subject, record, heatmap_snapshot):
+def test_embedding_times_unembedding_is_the_bigram_table(subject, record, pin):
     reference(subject, REFS)
     model = subject.model
     table = bigram_table().float()  # rows: current word, columns: next word (vocab order)

@@ -65,7 +65,7 @@ def test_mean_difference_steers_in_proportion(subject, kind, record):
 @pytest.mark.claim(id="gender.neurons", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", kinds("gender"))
 def test_most_separating_neuron_pushes_towards_its_pronoun(subject, kind, record,
-                                                           heatmap_snapshot):
+                                                           pin):
     ref, fam = _setup(subject, kind)
     end = fam.positions["END"]
     sep = separating_neurons(subject.model, fam.clean, fam.corrupted, ref.neuron_layer, end, end)

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from mechtests.claims import holds, holds_set, reference
-from mechtests.heads import head_scores, repeated_random_tokens
 from mechtests.engine import engine_for
+from mechtests.heads import head_scores, repeated_random_tokens
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,11 @@ def repeated_tokens(subject, ref: Induction, seed: int) -> torch.Tensor:
 
 @pytest.mark.claim(id="induction.heads", source=SOURCE, subjects=SUBJECTS)
 def test_induction_heads_attend_to_the_token_after_the_earlier_copy(subject, record,
-                                                                    heatmap_snapshot):
+                                                                    pin):
     _, ref = reference(subject, REFS)
     scores = head_scores(subject.model, repeated_tokens(subject, ref, seed=0), "induction",
                          over="targets")
     record.heatmap(scores, title="induction score")
-    assert heatmap_snapshot(name="induction_scores") == scores
     top = [h for h, _ in scores.top_k(len(ref.induction_heads))]
     holds_set(top, ref.induction_heads, "heads with the highest induction scores",
               "the published induction heads are the top ones", record)
@@ -64,21 +63,22 @@ def test_induction_heads_attend_to_the_token_after_the_earlier_copy(subject, rec
         layer, h = head.split(".")
         holds(scores.at(layer=int(layer), head=int(h)), ">=", MIN_INDUCTION,
               f"induction score of {head}", "floor of both published GPT-2 runs", record)
+    pin(scores, "induction_scores")
 
 
 @pytest.mark.claim(id="induction.previous_token", source=SOURCE, subjects=SUBJECTS)
-def test_a_previous_token_head_feeds_them(subject, record, heatmap_snapshot):
+def test_a_previous_token_head_feeds_them(subject, record, pin):
     _, ref = reference(subject, REFS)
     scores = head_scores(subject.model, repeated_tokens(subject, ref, seed=0), "previous_token",
                          over="targets")
     record.heatmap(scores, title="previous-token score")
-    assert heatmap_snapshot(name="previous_token_scores") == scores
     layers = [int(h.split(".")[0]) for h in ref.induction_heads]
     for head in ref.previous_token_heads:
         layer, h = (int(x) for x in head.split("."))
         assert layer < min(layers), f"previous-token head {head} must sit before {layers}"
         holds(scores.at(layer=layer, head=h), ">=", MIN_PREVIOUS,
               f"previous-token score of {head}", "4.11 scores .992 in GPT-2", record)
+    pin(scores, "previous_token_scores")
 
 
 def repeat_loss(model, tokens: torch.Tensor, n_tokens: int, heads: tuple[str, ...] = ()

@@ -46,11 +46,10 @@ def _ioi(subject):
 
 
 @pytest.mark.claim(id="ioi.logit_lens", source=SOURCE, subjects=SUBJECTS)
-def test_answer_appears_only_from_the_published_layer(subject, record, heatmap_snapshot):
+def test_answer_appears_only_from_the_published_layer(subject, record, pin):
     ref, fam = _ioi(subject)
     lens = logit_lens(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
     record.heatmap(lens, title="logit lens: accumulated residual -> logit diff")
-    assert heatmap_snapshot(name="logit_lens") == lens
     labels = lens.labels["layer"]
     final = float(lens.values[-1])
     frac = lens.values / final
@@ -60,14 +59,14 @@ def test_answer_appears_only_from_the_published_layer(subject, record, heatmap_s
           "the answer is not yet in the residual stream", record, final=final)
     holds(float(frac[labels.index(ref.appears_at)]), ">=", APPEARED,
           f"logit lens / final at {ref.appears_at}", "the answer has been written", record)
+    pin(lens, "logit_lens")
 
 
 @pytest.mark.claim(id="ioi.module_contributions", source=SOURCE, subjects=SUBJECTS)
-def test_one_attention_layer_writes_the_answer(subject, record, heatmap_snapshot):
+def test_one_attention_layer_writes_the_answer(subject, record, pin):
     ref, fam = _ioi(subject)
     dla = logit_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
     record.heatmap(dla, title="direct logit attribution by layer")
-    assert heatmap_snapshot(name="layer_dla") == dla
     holds_set([dla.top_k(1)[0][0]], [ref.top_component], "largest layer attribution",
               "published ranking", record, top=dla.top_k(3))
     if ref.most_negative:
@@ -85,3 +84,4 @@ def test_one_attention_layer_writes_the_answer(subject, record, heatmap_snapshot
     holds(loss[ref.top_component] - loss[worst_mlp], ">", 0.0,
           f"logit diff lost ablating {ref.top_component} minus ablating {worst_mlp}",
           "the top writer matters more than any MLP", record, losses=str(loss))
+    pin(dla, "layer_dla")

@@ -105,3 +105,26 @@ def _mechtests_seed(request: pytest.FixtureRequest) -> None:
     seed = request.config.getoption("--seed")
     torch.manual_seed(seed)
     random.seed(seed)
+
+
+@pytest.fixture
+def pin(request: pytest.FixtureRequest, heatmap_snapshot: Any):
+    """``pin(result, name)``: compare a claim's heatmap with its committed snapshot.
+
+    Only for the claim's own reference subjects (``subjects=[...]`` in its marker): those have
+    snapshots in the repository. Any other checkpoint has nothing to compare with; its heatmaps
+    go to the report (``record.heatmap``). Call it after the claim's own assertions, so a failing
+    claim reports its measurement first.
+    """
+    from mechtests.snapshot import DEFAULT_ATOL, assert_heatmap
+
+    marker = request.node.get_closest_marker("claim")
+    own = set(marker.kwargs.get("subjects") or []) if marker else set()
+    callspec = getattr(request.node, "callspec", None)
+    spec = callspec.params.get("subject") if callspec else None
+
+    def check(result: Any, name: str, atol: float = DEFAULT_ATOL) -> None:
+        if spec in own:
+            assert_heatmap(heatmap_snapshot, result, name=name, atol=atol)
+
+    return check

@@ -63,13 +63,13 @@ RECIPES = {
     "induction": Recipe("induction", n_layer=2, n_embd=64, n_head=4, n_inner=256, n_positions=48,
                         steps=1200, batch=64, lr=1e-3, mix={"repeat": 1.0}, loss="answer"),
     "multitask": Recipe("multitask", n_layer=4, n_embd=128, n_head=4, n_inner=256,
-                        n_positions=48, steps=3000, batch=64, lr=2e-3, answer_weight=3.0,
+                        n_positions=48, steps=3000, batch=64, lr=1e-3, loss="answer",
                         mix={"ioi": 0.3, "recall": 0.2, "contraction": 0.15, "gender": 0.15,
                              "repeat": 0.2}),
 }
 BIGRAM_SEQ = 64
-INDUCTION_LENGTHS = (4, 16)  # segment lengths of the induction organism's documents
-MULTITASK_REPEAT_LENGTHS = (4, 10)
+INDUCTION_LENGTHS = (2, 16)  # segment lengths of the induction organism's documents
+MULTITASK_REPEAT_LENGTHS = (2, 10)
 REPEAT_MAX_PREFIX = 10  # random words before the first copy: position alone cannot find it
 
 
