@@ -1,8 +1,10 @@
 """The prompt families each claim is measured on, per reference subject and kind.
 
 GPT-2's come from the published experiments (``mechtests.families``); the organisms' from their
-synthetic language (``mechtests.organisms.language``), on held-out names and fillers
-(``split="test"``), from several templates of one token count (a family runs as one batch).
+synthetic language (``mechtests.organisms.language``): fresh prompts (seeds far above any
+training batch's) over the training word lists, from several templates of one token count (a
+family runs as one batch). Held-out names are not used: the multitask organism's IOI and recall
+circuits do not carry over to names it never saw in those tasks (FINDINGS.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 
 from mechtests import families as gpt2
 from mechtests.organisms import language as lang
+from mechtests.organisms.analysis import EVAL_SEED
 from mechtests.prompts import PromptFamily
 
 N = 8  # prompts per template in a generated organism family
@@ -20,8 +23,8 @@ N = 8  # prompts per template in a generated organism family
 
 def _organism(name: str, generate: Callable[..., list[dict]], templates: tuple[int, ...],
               **kw) -> PromptFamily:
-    items = [d for t in templates for d in generate(N, seed=100 + t, template=t, split="test",
-                                                     **kw)]
+    items = [d for t in templates
+             for d in generate(N, seed=EVAL_SEED + t, template=t, split="train", **kw)]
     return lang.as_family(name, items)
 
 

@@ -1,8 +1,10 @@
 """A zero-layer transformer is a bigram model (Elhage et al. 2021, "A Mathematical Framework").
 
-With no layers, logits = W_E @ W_U (+ b_U): the model can only learn next-token statistics of
-the current token, so a 0-layer model trained on a bigram language should recover its
-transition table row by row. The bigram organism's language has a known table
+With no layers, logits = LN(W_E[w] + W_pos[p]) @ W_U + b_U: the model can only learn next-token
+statistics of the current token, so a 0-layer model trained on a bigram language should recover
+its transition table row by row. (GPT-2's architecture keeps the final LayerNorm, so the direct
+path is read through it: per-row centring and scaling of W_E @ W_U; the organism's position
+embeddings are frozen at zero.) The bigram organism's language has a known table
 (``mechtests.organisms.language.bigram_table``).
 """
 
@@ -22,7 +24,10 @@ def test_embedding_times_unembedding_is_the_bigram_table(subject, record, pin):
     reference(subject, REFS)
     model = subject.model
     table = bigram_table().float()  # rows: current word, columns: next word (vocab order)
-    logits = model.W_E @ model.W_U + model.b_U
+    resid = model.W_E + model.W_pos[0]
+    resid = resid - resid.mean(-1, keepdim=True)
+    resid = resid / (resid.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    logits = resid @ model.W_U + model.b_U  # compat mode folded the LayerNorm gain into W_U
     pred = logits.softmax(-1)[: table.shape[0], : table.shape[1]]
     rows = table.sum(-1) > 0
     visited = table[rows].max(-1).values < 1.0  # skip the uniform <unk> row

@@ -128,27 +128,54 @@ def random_tokens(model, n: int, length: int, seed: int = 0, repeat: bool = Fals
     return to_tokens(model, texts)
 
 
-def prev_token_scores(model, n: int = 50, length: int = 20, seed: int = 0) -> torch.Tensor:
-    """[layer, head]: mean attention from each word to the word before it (random words)."""
+def prev_token_scores(model, n: int = 50, length: int = 20, seed: int = 0, offset: int = 1,
+                      ) -> torch.Tensor:
+    """[layer, head]: mean attention from each word to the word ``offset`` before it (random
+    words; ``offset=1`` is the previous-token score)."""
     pat = _patterns(model, random_tokens(model, n, length, seed))
-    q = torch.arange(2, length + 1)
-    return pat[:, :, :, q, q - 1].mean(dim=(1, 3))
+    q = torch.arange(offset + 1, length + 1)
+    return pat[:, :, :, q, q - offset].mean(dim=(1, 3))
 
 
-def induction_scores(model, n: int = 50, length: int = 10, seed: int = 0) -> torch.Tensor:
+def induction_scores(model, n: int = 50, length: int = 10, seed: int = 0, offset: int = 1,
+                     ) -> torch.Tensor:
     """[layer, head]: mean attention, in the second copy of a repeated random segment, from each
-    word to the word after its first occurrence (the induction target)."""
+    word to the word ``offset`` after its first occurrence (``offset=1``: the induction target,
+    ``0``: the duplicate token itself)."""
     pat = _patterns(model, random_tokens(model, n, length, seed, repeat=True))
-    q = torch.arange(length + 1, 2 * length + 1)
-    return pat[:, :, :, q, q - length + 1].mean(dim=(1, 3))
+    q = torch.arange(length + 1, 2 * length + 1 - max(0, offset - 1))
+    return pat[:, :, :, q, q - length + offset].mean(dim=(1, 3))
 
 
-def find_prev_token_heads(model, threshold: float = 0.5) -> list[tuple[str, float]]:
-    return _ranked(prev_token_scores(model), threshold)
+def _best_offset(fn: Callable[..., torch.Tensor], model, offsets: Sequence[int],
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head: the best score of ``fn(model, offset=o)`` over ``offsets``, and that offset."""
+    stack = torch.stack([fn(model, offset=o) for o in offsets])
+    best, idx = stack.max(0)
+    return best, torch.tensor(offsets)[idx]
 
 
-def find_induction_heads(model, threshold: float = 0.5) -> list[tuple[str, float]]:
-    return _ranked(induction_scores(model), threshold)
+def _find(fn: Callable[..., torch.Tensor], model, threshold: float, offsets: Sequence[int],
+          ) -> list[tuple[str, float, int]]:
+    best, off = _best_offset(fn, model, offsets)
+    return [(h, s, int(off[_hl(h)])) for h, s in _ranked(best, threshold)]
+
+
+def find_prev_token_heads(model, threshold: float = 0.5, offsets: Sequence[int] = (1,),
+                          ) -> list[tuple[str, float, int]]:
+    """Heads attending to the word ``offset`` back (best of ``offsets``) with mean attention
+    above ``threshold``: ``[("0.1", 0.93, 1), ...]``. ``offsets=(1,)``: previous-token heads;
+    ``(1, 2, 3, 4)``: look-back heads of any short lag."""
+    return _find(prev_token_scores, model, threshold, offsets)
+
+
+def find_induction_heads(model, threshold: float = 0.5, offsets: Sequence[int] = (1, 2, 3, 4),
+                         ) -> list[tuple[str, float, int]]:
+    """Heads that, in a repeated random segment, attend to a fixed offset after the current
+    word's earlier occurrence (offset 1: the classic induction head, which reads the next word;
+    larger offsets pair with look-back heads of the same lag in the layer before):
+    ``[("1.2", 0.91, 1), ...]``, best offset per head, mean attention above ``threshold``."""
+    return _find(induction_scores, model, threshold, offsets)
 
 
 def _z_hooks(ablate: Sequence[str]) -> list[tuple[str, Callable]]:
@@ -215,7 +242,8 @@ def attention_to(model, items: Sequence[dict[str, Any]], position: str) -> torch
     tokens = to_tokens(model, [d["clean"] for d in items])
     pat = _patterns(model, tokens)
     k = torch.tensor([d["positions"][position] + 1 for d in items])
-    return pat[:, torch.arange(len(items)), :, -1, k].mean(1)
+    from_end = pat[:, :, :, -1, :].permute(1, 0, 2, 3)  # [batch, layer, head, key]
+    return from_end[torch.arange(len(items)), :, :, k].mean(0)
 
 
 def _logit_diff(logits: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -386,31 +414,33 @@ def bigram_embedding_classes(model, path: str | Path | None = None) -> dict[str,
 # ---------------------------------------------------------------------------------------------
 # each organism's findings
 
+EVAL_SEED = 10**9 + 7  # training batches use seeds seed * 1_000_003 + step: far below this
 PREV_THRESHOLD = 0.5  # a previous-token head puts at least half its attention on the previous word
 INDUCTION_THRESHOLD = 0.5  # an induction head puts at least half on the induction target
 
 
+LOOKBACK_THRESHOLD = 0.4
+
+
 @torch.no_grad()
 def induction_findings(model) -> dict[str, Any]:
-    """Previous-token and induction heads, repeat loss, and what ablating them costs."""
-    prev = prev_token_scores(model)
-    ind = induction_scores(model)
-    prev_heads = _ranked(prev, PREV_THRESHOLD)
-    ind_heads = _ranked(ind, INDUCTION_THRESHOLD)
-    loss = repeat_loss(model)
+    """Look-back and induction heads, repeat loss, and what ablating them costs."""
+    look = find_prev_token_heads(model, LOOKBACK_THRESHOLD, offsets=(1, 2, 3, 4))
+    ind = find_induction_heads(model, INDUCTION_THRESHOLD)
     out: dict[str, Any] = {
         "accuracy": {"repeat": task_accuracy(model, "repeat", n=200, seed=1)},
-        "repeat_loss": loss,
-        "prev_token_heads": prev_heads,
-        "induction_heads": ind_heads,
-        "prev_token_scores": prev.tolist(),
-        "induction_scores": ind.tolist(),
+        "repeat_loss": repeat_loss(model),
+        "prev_token_heads": find_prev_token_heads(model, PREV_THRESHOLD),
+        "lookback_heads": look,
+        "induction_heads": ind,
+        "lookback_scores": {o: prev_token_scores(model, offset=o).tolist() for o in (1, 2, 3, 4)},
+        "induction_scores": {o: induction_scores(model, offset=o).tolist() for o in range(5)},
     }
     ablations = {}
-    if ind_heads:
-        ablations["induction_heads"] = repeat_loss(model, ablate=[h for h, _ in ind_heads])
-    if prev_heads:
-        ablations["prev_token_heads"] = repeat_loss(model, ablate=[h for h, _ in prev_heads])
+    if ind:
+        ablations["induction_heads"] = repeat_loss(model, ablate=[h for h, *_ in ind])
+    if look:
+        ablations["lookback_heads"] = repeat_loss(model, ablate=[h for h, *_ in look])
     out["ablation_repeat_loss"] = ablations
     return out
 
@@ -421,25 +451,29 @@ def bigram_findings(model, plot: str | Path | None = None) -> dict[str, Any]:
 
 
 def _family(task: str, n: int, seed: int, **kw: Any) -> list[dict[str, Any]]:
-    """``n`` held-out prompts of one template (one batch)."""
-    return lang.prompts(task, n, seed, split="test", **kw)
+    """``n`` fresh prompts of one template (one batch)."""
+    return lang.prompts(task, n, seed, split="train", **kw)
 
 
 @torch.no_grad()
-def multitask_findings(model, n: int = 100, seed: int = 1) -> dict[str, Any]:
-    """Per-task accuracy and, per task, the heads that carry it (see FINDINGS.md)."""
+def multitask_findings(model, n: int = 100, seed: int = EVAL_SEED) -> dict[str, Any]:
+    """Per-task accuracy and, per task, the heads that carry it (see FINDINGS.md).
+
+    ``accuracy``: fresh prompts from the training word lists (``split='train'``, seeds no
+    training batch uses); ``accuracy_held_out_words``: names/surnames/places/objects never seen
+    in that task (``split='test'``)."""
     out: dict[str, Any] = {
-        "accuracy": {t: task_accuracy(model, t, n=400, seed=seed, split="test")
+        "accuracy": {t: task_accuracy(model, t, n=400, seed=seed, split="train")
                      for t in lang.TASKS},
-        "accuracy_train_split": {t: task_accuracy(model, t, n=400, seed=seed, split="train")
-                                 for t in lang.TASKS if t != "repeat"},
-        "logit_diff": {t: task_logit_diff(model, t, n=400, seed=seed, split="test")
+        "accuracy_held_out_words": {t: task_accuracy(model, t, n=400, seed=seed, split="test")
+                                    for t in lang.TASKS if t != "repeat"},
+        "logit_diff": {t: task_logit_diff(model, t, n=400, seed=seed, split="train")
                        for t in lang.TASKS},
     }
-    prev, ind = prev_token_scores(model), induction_scores(model)
-    out["prev_token_heads"] = _ranked(prev, PREV_THRESHOLD)
-    out["induction_heads"] = _ranked(ind, INDUCTION_THRESHOLD)
-    out["induction_scores"] = ind.tolist()
+    out["prev_token_heads"] = find_prev_token_heads(model, PREV_THRESHOLD)
+    out["lookback_heads"] = find_prev_token_heads(model, LOOKBACK_THRESHOLD, (1, 2, 3, 4))
+    out["induction_heads"] = find_induction_heads(model, INDUCTION_THRESHOLD)
+    out["induction_scores"] = {o: induction_scores(model, offset=o).tolist() for o in (1, 2, 3)}
     out["repeat_loss"] = repeat_loss(model)
 
     def roles(items: list[dict[str, Any]], attend: Sequence[str]) -> dict[str, Any]:
@@ -447,10 +481,20 @@ def multitask_findings(model, n: int = 100, seed: int = 1) -> dict[str, Any]:
         patch = head_patching(model, items)
         att = {p: attention_to(model, items, p) for p in attend}
         top = _ranked(dla, k=3)
+        pat = _patterns(model, to_tokens(model, [d["clean"] for d in items]))[:, :, :, -1]
+        pat = pat.mean(1)  # [layer, head, key]: mean attention from END
+        words = ["<bos>", *items[0]["clean"].split()]
+
+        def most(h: str) -> str:
+            a = pat[_hl(h)]
+            return f"{int(a.argmax())} {words[int(a.argmax())]} {float(a.max()):.2f}"
+
         return {
             "template": items[0]["template"], "example": items[0]["clean"],
             "clean_logit_diff": patch["clean"], "corrupted_logit_diff": patch["corrupted"],
             "dla_top": [(h, v, {p: float(att[p][_hl(h)]) for p in attend}) for h, v in top],
+            "most_attended_from_end": {h: most(h) for h, _ in top + _ranked(
+                patch["restored"], k=3)},
             "patching_top": _ranked(patch["restored"], k=3),
             "dla": dla.tolist(), "patching": patch["restored"].tolist(),
             "attention": {p: a.tolist() for p, a in att.items()},
@@ -483,7 +527,9 @@ def _hl(head: str) -> tuple[int, int]:
 
 
 def _heads(rows: Sequence[Any]) -> str:
-    return ", ".join(f"{r[0]} ({r[1]:.2f})" for r in rows) or "none"
+    """``1.2 (0.91)``, or ``1.2 (0.91, offset 3)`` for rows with an offset."""
+    return ", ".join(f"{r[0]} ({r[1]:.2f}" + (f", offset {r[2]})" if len(r) > 2 else ")")
+                     for r in rows) or "none"
 
 
 def _mat(rows: Sequence[Sequence[float]], row_label: str = "layer") -> str:
@@ -534,40 +580,50 @@ def _render_induction(f: dict[str, Any]) -> list[str]:
     rl, ab = f["repeat_loss"], f["ablation_repeat_loss"]
     lines = [
         "A 2-layer GPT-2 trained only on `prefix seg seg` documents (random words; a random "
-        "prefix so that only content, not position, can find the earlier copy).", "",
+        "prefix so that only content, not position, can find the earlier copy; loss on the "
+        "predictable words of the second copy).", "",
         "## Mechanism", "",
         f"- Previous-token heads (attention to the previous word > {PREV_THRESHOLD}): "
         f"**{_heads(f['prev_token_heads'])}**.",
-        f"- Induction heads (attention to the word after the current word's earlier occurrence "
-        f"> {INDUCTION_THRESHOLD}): **{_heads(f['induction_heads'])}**.",
-        f"- Loss on random segments: first copy {rl['first_half']:.3f} nats, repeated copy "
-        f"**{rl['second_half']:.3f}** nats.",
-        f"- Next-word accuracy at the end of a repeated segment (held-out draws): "
+        f"- Look-back heads (attention to the word `offset` back, best offset 1-4, > "
+        f"{LOOKBACK_THRESHOLD}): **{_heads(f['lookback_heads'])}**.",
+        f"- Induction heads (in a repeated segment, attention to the word `offset` after the "
+        f"current word's earlier occurrence, best offset 1-4, > {INDUCTION_THRESHOLD}): "
+        f"**{_heads(f['induction_heads'])}**.",
+        f"- Loss on random segments (length 10, no prefix): first copy {rl['first_half']:.3f} "
+        f"nats, repeated copy **{rl['second_half']:.3f}** nats (this includes the unpredictable "
+        f"first word of the second copy).",
+        f"- Next-word accuracy at the end of a repeated segment (fresh draws): "
         f"**{f['accuracy']['repeat']:.3f}**.",
     ]
     for k, v in ab.items():
         lines.append(f"- Zero-ablating the {k.replace('_', ' ')}: repeated-copy loss "
                      f"{v['second_half']:.3f} nats (first copy {v['first_half']:.3f}).")
-    lines += ["", "Induction scores:", "", _mat(f["induction_scores"]), "",
-              "Previous-token scores:", "", _mat(f["prev_token_scores"])]
+    for o, m in f["induction_scores"].items():
+        lines += ["", f"Induction scores, offset {o} (attention to earlier occurrence + {o}):",
+                  "", _mat(m)]
+    for o, m in f["lookback_scores"].items():
+        lines += ["", f"Look-back scores, offset {o}:", "", _mat(m)]
     return lines
 
 
 def _render_multitask(f: dict[str, Any]) -> list[str]:
-    acc, tr, ld = f["accuracy"], f["accuracy_train_split"], f["logit_diff"]
+    acc, tr, ld = f["accuracy"], f["accuracy_held_out_words"], f["logit_diff"]
     lines = [
         "A 4-layer GPT-2 trained on a mixture of the multitask language's tasks "
-        "(`language.TASKS`). Accuracy = top next-word prediction is the answer, on 400 prompts "
-        "built from held-out names, surnames, places, objects and noun pairs (`split='test'`); "
-        "`train split` uses the training word lists with fresh combinations.", "",
-        "| task | accuracy (held-out words) | accuracy (train words) | logit diff |",
+        "(`language.TASKS`). Accuracy = the top next-word prediction is the answer, on 400 "
+        "fresh prompts (seeds no training batch used) from the training word lists; the last "
+        "column uses names, surnames, places and objects never seen in that task "
+        "(`split='test'`). Logit diff: answer minus counterfactual, fresh prompts.", "",
+        "| task | accuracy | logit diff | accuracy, held-out words |",
         "|---|---|---|---|",
     ]
     for t in acc:
-        lines.append(f"| {t} | {acc[t]:.3f} | {tr.get(t, float('nan')):.3f} | {ld[t]:.2f} |")
+        lines.append(f"| {t} | {acc[t]:.3f} | {ld[t]:.2f} | {tr.get(t, float('nan')):.3f} |")
     lines += ["", "## Induction", "",
-              f"- Previous-token heads: **{_heads(f['prev_token_heads'])}**; induction heads: "
-              f"**{_heads(f['induction_heads'])}**.",
+              f"- Previous-token heads: **{_heads(f['prev_token_heads'])}**; look-back heads "
+              f"(best offset 1-4): **{_heads(f['lookback_heads'])}**; induction heads (best "
+              f"offset 1-4): **{_heads(f['induction_heads'])}**.",
               f"- Repeat loss: first copy {f['repeat_loss']['first_half']:.3f}, repeated copy "
               f"{f['repeat_loss']['second_half']:.3f} nats.", ""]
 
@@ -580,7 +636,10 @@ def _render_multitask(f: dict[str, Any]) -> list[str]:
                    f"**{h}** {v:.2f} (" + ", ".join(f"{p} {a:.2f}" for p, a in att.items()) + ")"
                    for h, v, att in r["dla_top"]),
                "- Patching each head's output clean -> corrupted, fraction of logit diff "
-               f"restored: {_heads(r['patching_top'])}.", "",
+               f"restored: {_heads(r['patching_top'])}.",
+               "- Where these heads look from END (position, word of the first prompt, mean "
+               "attention): " + "; ".join(f"{h}: {w}" for h, w in
+                                          r["most_attended_from_end"].items()), "",
                "DLA per head:", "", _mat(r["dla"]), "",
                f"Attention from END to {attend}:", "", _mat(r["attention"][attend]), ""]
         return out
@@ -630,7 +689,8 @@ def main(argv: list[str] | None = None) -> None:
     training = json.loads((d / "training.json").read_text()) if (d / "training.json").is_file() \
         else {}
     f = {"organism": a.organism, "model": describe(model),
-         "command": training.get("command", "?").replace("--out DIR", f"--out {d.name}"), **f}
+         "command": training.get("command", "?").replace(
+             "--out DIR", f"--out fixtures/organisms/{a.organism}"), **f}
     (d / "findings.json").write_text(json.dumps(f, indent=1, sort_keys=True) + "\n")
     (d / "FINDINGS.md").write_text(render(a.organism, f))
     print((d / "FINDINGS.md").read_text())

@@ -24,8 +24,11 @@ Prompt generators return dicts, the same shape for every task::
 word-level tokenizer ignores it. Within one ``template`` every prompt has the same word count
 and clean/corrupted have equal counts, so a family per template runs as one patching batch.
 ``split="train"`` draws from the training word lists, ``split="test"`` from held-out names,
-surnames, places, objects and noun pairs (those words occur in training only in other tasks or
-in repeated random segments); ``split="all"`` from both.
+surnames, places and objects; ``split="all"`` from both. Held-out names occur in training only
+in the gender task (which uses every name: gender is a lexical fact a model can only learn by
+seeing the word) and in random segments; held-out surnames, places and objects only in random
+segments. So the test split of IOI and name recall asks whether the circuit generalises to
+names it never saw in that task.
 """
 
 from __future__ import annotations
@@ -77,7 +80,6 @@ ADJECTIVES = "happy tired late ready busy hungry early calm sure sorry glad free
 HELD_OUT_NAMES = 8  # per gender
 HELD_OUT_SURNAMES = 10
 HELD_OUT_FILLERS = 4  # places and objects
-HELD_OUT_PAIRS = 3
 
 # pronoun -> (full verb, contracted verb): the two styles of the contraction task
 CONTRACTIONS = {"we": ("are", "'re"), "they": ("are", "'re"), "you": ("are", "'re"),
@@ -182,10 +184,6 @@ def places(split: str = "train") -> list[str]:
 
 def objects(split: str = "train") -> list[str]:
     return _split(OBJECTS, HELD_OUT_FILLERS, split)
-
-
-def gender_pairs(split: str = "train") -> list[tuple[str, str]]:
-    return _split(GENDER_PAIRS, HELD_OUT_PAIRS, split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,10 +323,11 @@ def gender_prompts(n: int, seed: int = 0, template: int | None = None, gender: s
 
     ``gender`` 'male' / 'female' / None (either). Corruption: the noun swapped for its pair
     (king -> queen), or the name for a name of the other gender. Counterfactual: the other
-    pronoun. Positions NOUN (the gendered word), END.
+    pronoun. Positions NOUN (the gendered word), END. Every split uses every gendered noun and
+    name (a word's gender cannot be guessed); ``split`` picks the places and objects.
     """
     rng = random.Random(f"gender-{seed}")
-    pairs, pl, ob = gender_pairs(split), places(split), objects(split)
+    pairs, pl, ob = GENDER_PAIRS, places(split), objects(split)
     out = []
     for _ in range(n):
         t = _pick_template(rng, GENDER_TEMPLATES, template)
@@ -338,7 +337,7 @@ def gender_prompts(n: int, seed: int = 0, template: int | None = None, gender: s
         other = "female" if g == "male" else "male"
         pair = rng.choice(pairs)
         noun, swapped = (pair[0], pair[1]) if g == "male" else (pair[1], pair[0])
-        name, other_name = rng.choice(names(split, g)), rng.choice(names(split, other))
+        name, other_name = rng.choice(names("all", g)), rng.choice(names("all", other))
         slots = dict(N=noun, NAME=name, PLACE=rng.choice(pl), OBJECT=rng.choice(ob))
         clean, pos, marks = _fill(GENDER_TEMPLATES[t], slots)
         corrupted, _, _ = _fill(GENDER_TEMPLATES[t], dict(slots, N=swapped, NAME=other_name))

@@ -63,7 +63,7 @@ RECIPES = {
     "induction": Recipe("induction", n_layer=2, n_embd=64, n_head=4, n_inner=256, n_positions=48,
                         steps=1200, batch=64, lr=1e-3, mix={"repeat": 1.0}, loss="answer"),
     "multitask": Recipe("multitask", n_layer=4, n_embd=128, n_head=4, n_inner=256,
-                        n_positions=48, steps=3000, batch=64, lr=1e-3, loss="answer",
+                        n_positions=48, steps=2500, batch=64, lr=1e-3, loss="answer",
                         mix={"ioi": 0.3, "recall": 0.2, "contraction": 0.15, "gender": 0.15,
                              "repeat": 0.2}),
 }
@@ -235,13 +235,21 @@ def check_init_from(path: Path, words: list[str]) -> None:
 
 
 def evaluate(r: Recipe, model) -> dict[str, Any]:
-    """Final scores: per-task held-out accuracy, or the bigram fit."""
+    """Final scores: per-task accuracy on fresh prompts (and, for multitask, on words held out
+    of the task), or the bigram fit."""
     from mechtests.organisms import analysis
 
     if r.organism == "bigram":
         return analysis.bigram_fit(model)
-    tasks = lang.TASKS if r.organism == "multitask" else ("repeat",)
-    return {t: analysis.task_accuracy(model, t, n=200, seed=1, split="test") for t in tasks}
+    seed = analysis.EVAL_SEED
+    if r.organism == "induction":
+        return {"repeat": analysis.task_accuracy(model, "repeat", n=200, seed=seed)}
+    out = {t: analysis.task_accuracy(model, t, n=200, seed=seed, split="train")
+           for t in lang.TASKS}
+    out.update({f"{t} (held-out words)": analysis.task_accuracy(model, t, n=200, seed=seed,
+                                                               split="test")
+                for t in lang.TASKS if t != "repeat"})
+    return out
 
 
 def save(model, tok, r: Recipe, scores: dict[str, Any], out: Path) -> None:
@@ -249,8 +257,8 @@ def save(model, tok, r: Recipe, scores: dict[str, Any], out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     info = {"recipe": asdict(r), "scores": scores,
-            "command": f"python -m mechtests.organisms.train {r.organism} --out DIR "
-                       + " ".join(recipe_args(r))}
+            "command": (f"python -m mechtests.organisms.train {r.organism} --out DIR "
+                       + " ".join(recipe_args(r))).strip()}
     (out / "training.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
 
 
