@@ -32,7 +32,7 @@ FAMILIES: dict[str, dict[str, dict[str, Callable[[], PromptFamily]]]] = {
     "ioi": {
         "gpt2": {"ABBA": lambda: gpt2.gpt2_ioi("ABBA"), "BABA": lambda: gpt2.gpt2_ioi("BABA")},
         "multitask": {
-            o: (lambda o=o: _organism(f"ioi_{o.lower()}", lang.ioi_prompts, (0, 2, 4), order=o,
+            o: (lambda o=o: _organism(f"ioi_{o.lower()}", lang.ioi_prompts, (0, 2), order=o,
                                       corruption="flip"))
             for o in ("ABBA", "BABA")
         },
@@ -51,7 +51,8 @@ FAMILIES: dict[str, dict[str, dict[str, Callable[[], PromptFamily]]]] = {
     },
     "gender": {
         "gpt2": {"nouns": gpt2.gpt2_gender},
-        "multitask": {"nouns": lambda: _organism("gender", lang.gender_prompts, (0,))},
+        "multitask": {"nouns": lambda: _organism("gender", lang.gender_prompts, (0,),
+                                                gender="male")},
     },
 }
 

@@ -4,7 +4,7 @@ GPT-2 small on the 8 IOI prompts of the Exploratory Analysis Demo (logit(IO) - l
 the accumulated residual stream, read through the final LayerNorm and unembedding, is about 0
 through 7_pre, 0.25 at 7_mid, 0.45 at 8_mid, then jumps to 5.03 at 9_mid (final 3.55): the answer
 appears in the residual stream only with attention layer 9. Direct logit attribution by layer:
-attn9 +4.565 is by far the largest, attn11 -1.442 the most negative, every MLP under 0.16. The
+attn_9 +4.565 is by far the largest, attn11 -1.442 the most negative, every MLP under 0.16. The
 organism's layers come from its own analysis (FINDINGS.md).
 """
 
@@ -24,17 +24,19 @@ from mechtests.patching import ablate
 @dataclass(frozen=True)
 class Lens:
     silent_until: str  # last accumulated-residual label where the answer is not yet there
-    appears_at: str  # first label where it is
-    top_component: str  # largest direct logit attribution by layer
+    appears: tuple[tuple[str, float], ...]  # (label, minimum fraction of the final logit diff)
+    top_components: tuple[str, ...]  # the largest direct logit attributions by layer
     most_negative: str | None
 
 
 REFS = {
-    "gpt2": Lens("7_pre", "9_mid", "attn9", "attn11"),
-    "multitask": Lens("2_pre", "3_mid", "attn3", None),
+    # ~0 through 7_pre (0.07 at 7_mid); 9_mid is at 5.03 / 3.55 = 1.4
+    "gpt2": Lens("7_pre", (("9_mid", 0.8),), ("attn_9",), "attn_11"),
+    # the organism writes the answer in two steps (FINDINGS.md; ABBA family: 1_mid 0.30,
+    # 3_mid 0.79 of the final 10.5): silent through 1_pre, attn1 and attn3 the top writers
+    "multitask": Lens("1_pre", (("1_mid", 0.2), ("3_mid", 0.6)), ("attn_1", "attn_3"), None),
 }
-SILENT = 0.15  # fraction of the final logit diff: GPT-2 is at ~0 through 7_pre (0.07 at 7_mid)
-APPEARED = 0.8  # GPT-2 is at 5.03 / 3.55 = 1.4 at 9_mid
+SILENT = 0.15  # |fraction of the final logit diff| while the answer is not yet there
 SOURCE = "nostalgebraist 2020 (logit lens); TransformerLens Exploratory Analysis Demo"
 SUBJECTS = list(REFS)
 
@@ -57,8 +59,9 @@ def test_answer_appears_only_from_the_published_layer(subject, record, pin):
     holds(float(frac[: until + 1].abs().max()), "<=", SILENT,
           f"largest |logit lens / final| up to {ref.silent_until}",
           "the answer is not yet in the residual stream", record, final=final)
-    holds(float(frac[labels.index(ref.appears_at)]), ">=", APPEARED,
-          f"logit lens / final at {ref.appears_at}", "the answer has been written", record)
+    for label, floor in ref.appears:
+        holds(float(frac[labels.index(label)]), ">=", floor, f"logit lens / final at {label}",
+              "the answer has been written by then", record)
     pin(lens, "logit_lens")
 
 
@@ -67,8 +70,9 @@ def test_one_attention_layer_writes_the_answer(subject, record, pin):
     ref, fam = _ioi(subject)
     dla = logit_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
     record.heatmap(dla, title="direct logit attribution by layer")
-    holds_set([dla.top_k(1)[0][0]], [ref.top_component], "largest layer attribution",
-              "published ranking", record, top=dla.top_k(3))
+    k = len(ref.top_components)
+    holds_set([c for c, _ in dla.top_k(k)], ref.top_components, "largest layer attributions",
+              "published ranking", record, top=dla.top_k(k + 2))
     if ref.most_negative:
         holds_set([dla.top_k(1, largest=False)[0][0]], [ref.most_negative],
                   "most negative layer attribution", "published ranking", record)
@@ -76,12 +80,13 @@ def test_one_attention_layer_writes_the_answer(subject, record, pin):
     # mean-ablating any MLP layer (GPT-2's MLPs each attribute under 0.16 of 3.55)
     engine = engine_for(subject.model)
     layers = range(subject.model.cfg.n_layers)
-    comps = [ref.top_component] + [f"mlp{i}" for i in layers]
+    top = ref.top_components[0]
+    comps = [top] + [f"mlp_{i}" for i in layers]
     ablated = ablate(engine, fam.clean, comps, fam.logit_diff(), how="mean",
                      reference=fam.corrupted)
     loss = {c: ablated.meta["clean"] - float(v) for c, v in zip(comps, ablated.values)}
     worst_mlp = max((c for c in comps[1:]), key=lambda c: loss[c])
-    holds(loss[ref.top_component] - loss[worst_mlp], ">", 0.0,
-          f"logit diff lost ablating {ref.top_component} minus ablating {worst_mlp}",
+    holds(loss[top] - loss[worst_mlp], ">", 0.0,
+          f"logit diff lost ablating {top} minus ablating {worst_mlp}",
           "the top writer matters more than any MLP", record, losses=str(loss))
     pin(dla, "layer_dla")

@@ -32,8 +32,12 @@ class Recall:
 
 REFS = {
     "gpt2": Recall(tuple(range(0, 6)), (11,), (0, 1, 2, 3)),
-    "multitask": Recall((0, 1), (3,), (0,)),
+    # the organism's head 0.0 moves the surname to the last position already in layer 0
+    "multitask": Recall((0,), (2, 3), (0,)),
 }
+# In the organism the surname also spreads to the positions in between at layer 1 (up to 0.45
+# restoration at "top"), so "no effect elsewhere" is GPT-2's claim only.
+QUIET = {"gpt2": REFS["gpt2"]}
 CARRIES = 0.7  # "carries the answer": restores most of the clean logit diff
 NO_EFFECT = 0.15  # "no effect": within 15% of the corrupted run
 SOURCE = "activation patching course exercise (Michelle Jones); Meng et al. 2022 (causal tracing)"
@@ -73,9 +77,10 @@ def test_surname_then_last_position_carry_the_answer(subject, kind, record, pin)
     pin(norm, "resid_pre_restoration")
 
 
-@pytest.mark.claim(id="recall.no_effect_elsewhere", source=SOURCE, subjects=SUBJECTS)
+@pytest.mark.claim(id="recall.no_effect_elsewhere", source=SOURCE, subjects=list(QUIET))
 @pytest.mark.parametrize("kind", kinds("recall"))
 def test_first_and_in_between_positions_have_no_effect(subject, kind, record):
+    reference(subject, QUIET)
     _, fam, norm = restoration(subject, kind)
     pp = norm.per_prompt  # [n, layer, T]
     n, _, T = pp.shape

@@ -5,7 +5,8 @@ token (seeded), and the drop of the claim's metric measured (resid_pre patching 
 "noising", through the same engine as every sweep). The positions that matter most must be the
 ones the claim's story names: IOI the two names (IO and the subject S1/S2); name recall the
 surname (and the repeated first name it is queried by, the last token); contraction copying the
-earlier verb whose style is copied.
+earlier verb whose style is copied. The last position itself is left out of the ranking: its
+token is the one the prediction is made from, and changing it changes the question.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ STORY = {  # task, family kind -> the named positions that carry the answer
     ("recall", "michelle"): ("SURNAME",),
     ("contraction", "contracted"): ("V1",),
 }
-REFS = {"gpt2": None, "multitask": None}
+# Which stories each subject is held to. The organism's IOI and contraction circuits also read
+# template words ("the", ","): randomising one of those costs it as much as randomising a name
+# (62% and 69% of story positions in the top ranks, FINDINGS.md), so only its name recall is
+# claimed here.
+REFS = {"gpt2": set(STORY), "multitask": {("recall", "michelle")}}
 SOURCE = "activation patching by position (Meng et al. 2022; Wang et al. 2022)"
 
 
@@ -36,7 +41,9 @@ def random_tokens_like(tokens: torch.Tensor, vocab: int, seed: int = 0) -> torch
 @pytest.mark.claim(id="token_attribution", source=SOURCE, subjects=list(REFS))
 @pytest.mark.parametrize("task,kind", list(STORY), ids=[f"{t}-{k}" for t, k in STORY])
 def test_story_positions_carry_the_answer(subject, task, kind, record, pin):
-    name, _ = reference(subject, REFS)
+    name, stories = reference(subject, REFS)
+    if (task, kind) not in stories:
+        pytest.skip(f"the {task} story is not claimed for {name} (see REFS)")
     fam = family(task, name, kind)
     tf = fam.tokenize(subject.model)
     noise = random_tokens_like(tf.clean, min(subject.model.cfg.d_vocab, 20000))
@@ -48,6 +55,7 @@ def test_story_positions_carry_the_answer(subject, task, kind, record, pin):
     record.heatmap(res, title=f"logit diff with one position's token randomised ({task})")
     story = STORY[(task, kind)]
     k = len(story)
+    drop[torch.arange(len(drop)), tf.positions["END"]] = float("-inf")
     top = drop.topk(k, dim=-1).indices  # [n, k] per prompt
     hit = torch.stack([(top == tf.positions[n][:, None]).any(-1) for n in story], -1).float()
     holds(float(hit.mean()), ">=", 0.8,

@@ -427,7 +427,7 @@ patch_neurons = _view("mlp_post", ("layer", "neuron"))
 
 
 # -- ablations --------------------------------------------------------------------------------
-_COMPONENT = re.compile(r"^(?:(\d+)\.(\d+)|(attn|mlp)(\d+)|mlp(\d+)\.(\d+))$")
+_COMPONENT = re.compile(r"^(?:(\d+)\.(\d+)|(attn|mlp)_?(\d+)|mlp_?(\d+)\.(\d+))$")
 
 
 def parse_component(engine: Engine, name: str) -> tuple[str, tuple[int, ...]]:
