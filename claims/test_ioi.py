@@ -51,6 +51,7 @@ REFS = {
 # (1.1, 1.2: 0.98) and to the object word (3.3: 0.96), so it suppresses S rather than copying
 # the IO (fixtures/organisms/multitask/FINDINGS.md); the claim does not apply to it.
 ATTENDS = {"gpt2": REFS["gpt2"]}
+MIN_MOVER_DLA = 0.5
 SOURCE = "Wang et al. 2022 (IOI); TransformerLens Exploratory Analysis Demo"
 SUBJECTS = list(REFS)
 FAMILIES = kinds("ioi")
@@ -87,6 +88,12 @@ def test_name_movers_have_the_largest_direct_effect(subject, kind, record, pin):
     holds_set(top, ref.name_movers, "heads with the largest positive direct logit attribution",
               "the name movers write the IO's unembedding", record,
               values=dla.top_k(ref.top_k + 2))
+    for head in ref.name_movers:
+        layer, h = (int(x) for x in head.split("."))
+        holds(dla.at(layer=layer, head=h), ">=", MIN_MOVER_DLA,
+              f"direct logit attribution of {head}",
+              "a name mover alone moves the answer by at least half a logit (GPT-2's weakest, "
+              "10.0, gives 0.561)", record)
     if ref.negative_name_movers:
         bottom = [h for h, _ in dla.top_k(len(ref.negative_name_movers), largest=False)]
         holds_set(bottom, ref.negative_name_movers, "heads with the most negative attribution",

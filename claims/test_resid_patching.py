@@ -28,12 +28,13 @@ class Recall:
     surname_layers: tuple[int, ...]  # layers whose resid_pre at the surname restores the answer
     end_layers: tuple[int, ...]  # layers whose resid_pre at the last position restores it
     early_end_layers: tuple[int, ...]  # layers where patching the last position does nothing
+    moved_layers: tuple[int, ...]  # layers by which the surname no longer holds the answer
 
 
 REFS = {
-    "gpt2": Recall(tuple(range(0, 6)), (11,), (0, 1, 2, 3)),
+    "gpt2": Recall(tuple(range(0, 6)), (11,), (0, 1, 2, 3), (11,)),
     # the organism's head 0.0 moves the surname to the last position already in layer 0
-    "multitask": Recall((0,), (2, 3), (0,)),
+    "multitask": Recall((0,), (2, 3), (0,), (1, 2, 3)),
 }
 # In the organism the surname also spreads to the positions in between at layer 1 (up to 0.45
 # restoration at "top"), so "no effect elsewhere" is GPT-2's claim only.
@@ -65,12 +66,19 @@ def test_surname_then_last_position_carry_the_answer(subject, kind, record, pin)
     ref, fam, norm = restoration(subject, kind)
     record.heatmap(norm, title=f"resid_pre patching, normalised ({kind})")
     surname, end = fam.positions["SURNAME"], fam.positions["END"]
+    gap = norm.meta["normalised"]["clean"] - norm.meta["normalised"]["corrupted"]
+    holds(gap, ">=", 1.0, "clean minus corrupted logit diff",
+          "the model recalls the surname: swapping it moves the answer by at least a logit, "
+          "so there is something to restore", record)
     holds(float(_at(norm, ref.surname_layers, surname).mean(0).min()), ">=", CARRIES,
           f"restoration at the surname, worst of layers {list(ref.surname_layers)}",
           "the answer lives at the surname in early and middle layers", record)
     holds(float(_at(norm, ref.end_layers, end).mean(0).min()), ">=", CARRIES,
           f"restoration at the last position, worst of layers {list(ref.end_layers)}",
           "late layers have moved the answer to the last position", record)
+    holds(float(_at(norm, ref.moved_layers, surname).mean(0).max()), "<=", 1 - CARRIES,
+          f"restoration at the surname, best of layers {list(ref.moved_layers)}",
+          "by then the answer has moved on from the surname", record)
     holds(float(_at(norm, ref.early_end_layers, end).mean(0).abs().max()), "<=", NO_EFFECT,
           f"|restoration| at the last position, layers {list(ref.early_end_layers)}",
           "early on the last position does not yet hold the answer", record)

@@ -8,6 +8,7 @@ import pytest
 # inside an inner run are dropped after it, and pyarrow/transformers cannot be imported twice.
 import transformer_lens.model_bridge  # noqa: F401
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+
 from mechtests.models import load_model
 from mechtests.testing import save_tiny_checkpoint
 

@@ -71,5 +71,28 @@ def test_induction_knockout_claim_fails_when_the_heads_are_gone(pytester, tmp_pa
     from claims.test_induction import REFS
 
     broken = zero_heads("induction", list(REFS["induction"].induction_heads), tmp_path / "zero")
-    res = run_claims(pytester, "test_induction.py", broken, "-k", "ablation")
+    res = run_claims(pytester, "test_induction.py", broken, "-k", "knocking")
     assert outcomes(res) == {"failed": 1}, res.stdout.str()[-2000:]
+
+
+MULTITASK_CLAIMS = ("test_ioi.py", "test_resid_patching.py", "test_contraction.py",
+                    "test_logit_lens.py", "test_gender.py", "test_token_attribution.py")
+
+
+@pytest.mark.parametrize("claim_file", MULTITASK_CLAIMS)
+def test_multitask_claims_fail_on_a_randomly_initialised_copy(pytester, tmp_path, claim_file):
+    res = run_claims(pytester, claim_file, random_copy("multitask", tmp_path / "random"))
+    got = outcomes(res)
+    assert got.get("failed", 0) >= 1 and not got.get("passed") and not got.get("error"), got
+
+
+@pytest.mark.parametrize("claim_file,heads,expect", [
+    # the name movers' outputs gone: they no longer attribute, and knocking them out costs 0
+    ("test_ioi.py", ["3.3", "1.1"], {"passed": 2, "failed": 4}),
+    # the contraction mover's output gone
+    ("test_contraction.py", ["0.3"], {"passed": 1, "failed": 2}),
+])
+def test_multitask_claims_fail_when_the_mechanism_heads_are_zeroed(pytester, tmp_path,
+                                                                   claim_file, heads, expect):
+    res = run_claims(pytester, claim_file, zero_heads("multitask", heads, tmp_path / "zero"))
+    assert outcomes(res) == expect, res.stdout.str()[-3000:]
