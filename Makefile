@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: claims test bench lint organisms report
+.PHONY: claims test bench lint example-report
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,3 +24,11 @@ bench: $(BIN)/.installed  ## speed against TransformerLens (pytest-benchmark)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check mechtests tests claims benchmarks conftest.py
+
+CHECKPOINTS := --model multitask --model fixtures/checkpoints/multitask-finetune \
+	--model fixtures/checkpoints/multitask-seed1
+
+example-report: $(BIN)/.installed  ## the shipped organism, a fine-tune and another seed, one report
+	rm -rf build/example-report
+	$(BIN)/pytest claims/ $(CHECKPOINTS) --report-dir build/example-report || true
+	rm -rf reports/example && cp -r build/example-report/run-* reports/example

@@ -17,11 +17,13 @@ TASKS = ("resid_pre", "head_out", "attribution")
 
 
 def prompts(T: int, N: int, vocab: int = 50257, seed: int = 0):
-    """Random prompts; each corrupted prompt differs from its clean one at position T // 3."""
+    """Random prompts; each corrupted prompt differs from its clean one at position 1 (as in
+    "Michelle Jones/Smith ..."): the engine skips patches before the first differing position
+    (their activations are identical), so an early difference is its least favourable case."""
     g = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, vocab, (N, T), generator=g)
     corrupted = clean.clone()
-    corrupted[:, T // 3] = (clean[:, T // 3] + 1 + torch.arange(N)) % vocab
+    corrupted[:, 1] = (clean[:, 1] + 1 + torch.arange(N)) % vocab
     return clean, corrupted
 
 

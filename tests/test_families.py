@@ -1,4 +1,4 @@
-"""GPT-2 families reproduce the published prompt sets (text level: GPT-2's tokenizer is not here)."""
+"""GPT-2 families reproduce the published prompt sets (as text: GPT-2's tokenizer is not here)."""
 
 from __future__ import annotations
 
@@ -41,4 +41,5 @@ def test_recall_and_contraction_and_gender():
     he = [p for p in c.prompts if p.clean.endswith(" he")][0]
     assert (he.answer, he.counterfactual) == ("'s", " is")
     g = F.gpt2_gender()
-    assert g.prompts[0].clean == "The king said that" and g.prompts[0].corrupted == "The queen said that"
+    assert g.prompts[0].clean == "The king said that"
+    assert g.prompts[0].corrupted == "The queen said that"
