@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from mechtests import families as gpt2
+from mechtests.claims import reference
 from mechtests.organisms import language as lang
 from mechtests.organisms.analysis import EVAL_SEED
 from mechtests.prompts import PromptFamily
@@ -68,3 +69,10 @@ def family(task: str, reference: str, kind: str) -> PromptFamily:
     if kind not in mine:
         pytest.skip(f"no {task!r} family {kind!r} is written for {reference}")
     return mine[kind]()
+
+
+def measured_on(task: str, subject, refs: dict, kind: str):
+    """``(expectations, tokenized family)``: what ``refs`` expects of ``subject`` (see
+    ``mechtests.claims.reference``) and the ``kind`` family of ``task`` written for it."""
+    name, ref = reference(subject, refs)
+    return ref, family(task, name, kind).tokenize(subject.model)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from claims.families import family, kinds
+from claims.families import kinds, measured_on
 from mechtests import metrics as M
 from mechtests.attribution import head_attribution
-from mechtests.claims import holds, holds_set, reference
+from mechtests.claims import holds, holds_set
 from mechtests.engine import engine_for
 from mechtests.heads import attention_between
 from mechtests.patching import sweep
@@ -27,16 +27,10 @@ SUBJECTS = list(REFS)
 KINDS = kinds("contraction")
 
 
-def _setup(subject, kind):
-    name, head = reference(subject, REFS)
-    fam = family("contraction", name, kind).tokenize(subject.model)
-    return head, fam
-
-
 @pytest.mark.claim(id="contraction.top_head", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin):
-    head, fam = _setup(subject, kind)
+    head, fam = measured_on("contraction", subject, REFS, kind)
     dla = head_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
     patched = sweep(engine_for(subject.model), "z", fam.clean, fam.corrupted, fam.logit_diff(),
                     by=("layer", "head"))
@@ -55,7 +49,7 @@ def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin)
 @pytest.mark.claim(id="contraction.attention", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_mover_attends_from_pronoun_to_contraction(subject, kind, record):
-    head, fam = _setup(subject, kind)
+    head, fam = measured_on("contraction", subject, REFS, kind)
     layer, h = (int(x) for x in head.split("."))
     end = fam.positions["END"]
     att = attention_between(subject.model, fam.clean, end, fam.positions["V1"])
@@ -70,7 +64,7 @@ def test_mover_attends_from_pronoun_to_contraction(subject, kind, record):
 @pytest.mark.claim(id="contraction.values_not_pattern", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_value_patching_restores_more_than_pattern(subject, kind, record):
-    head, fam = _setup(subject, kind)
+    head, fam = measured_on("contraction", subject, REFS, kind)
     layer, h = (int(x) for x in head.split("."))
     engine = engine_for(subject.model)
     out = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from claims.families import family
+from claims.families import measured_on
 from mechtests.attribution import neuron_ablation_effect, neuron_output_norms, unembed_null_fraction
 from mechtests.claims import holds, reference
 
@@ -37,8 +37,7 @@ def test_large_norm_written_into_the_null_space(subject, record):
 
 @pytest.mark.claim(id="entropy.ablation", source=SOURCE, subjects=SUBJECTS)
 def test_ablation_changes_entropy_more_than_the_top_logit(subject, record):
-    name, (layer, neurons) = reference(subject, REFS)
-    fam = family("ioi", name, "ABBA").tokenize(subject.model)
+    (layer, neurons), fam = measured_on("ioi", subject, REFS, "ABBA")
     eff = neuron_ablation_effect(subject.model, fam.clean, layer, list(neurons), how="mean")
     record.heatmap(eff, title="mean-ablation effect: entropy and top logit")
     # both in natural units: nats of entropy against logits of the top token, relative to the

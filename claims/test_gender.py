@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from claims.families import family, kinds
+from claims.families import kinds, measured_on
 from mechtests import metrics as M
 from mechtests.attribution import mean_difference_direction, separating_neurons, steering_sweep
-from mechtests.claims import holds, reference
+from mechtests.claims import holds
 from mechtests.engine import engine_for
 from mechtests.patching import sweep
 
@@ -42,15 +42,10 @@ SOURCE = "Turner et al. 2023 (activation addition); Dai et al. 2022 (knowledge n
 SUBJECTS = list(REFS)
 
 
-def _setup(subject, kind):
-    name, ref = reference(subject, REFS)
-    return ref, family("gender", name, kind).tokenize(subject.model)
-
-
 @pytest.mark.claim(id="gender.steering", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", kinds("gender"))
 def test_mean_difference_steers_in_proportion(subject, kind, record):
-    ref, fam = _setup(subject, kind)
+    ref, fam = measured_on("gender", subject, REFS, kind)
     end = fam.positions["END"]
     male, female = fam.clean, fam.corrupted  # clean prompts are about men, answer " he"
     direction = mean_difference_direction(subject.model, male, female, ref.steer_layer, end, end)
@@ -69,8 +64,7 @@ def test_mean_difference_steers_in_proportion(subject, kind, record):
 @pytest.mark.claim(id="gender.neurons", source=SOURCE, subjects=list(NEURONS))
 @pytest.mark.parametrize("kind", kinds("gender"))
 def test_most_separating_neuron_pushes_towards_its_pronoun(subject, kind, record):
-    name, ref = reference(subject, NEURONS)
-    fam = family("gender", name, kind).tokenize(subject.model)
+    ref, fam = measured_on("gender", subject, NEURONS, kind)
     end = fam.positions["END"]
     sep = separating_neurons(subject.model, fam.clean, fam.corrupted, ref.neuron_layer, end, end)
     neuron = int(sep.top_k(1)[0][0].split(".")[1])

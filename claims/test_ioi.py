@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from claims.families import family, kinds
+from claims.families import kinds, measured_on
 from mechtests import metrics as M
 from mechtests.attribution import head_attribution
-from mechtests.claims import holds, holds_set, reference
+from mechtests.claims import holds, holds_set
 from mechtests.engine import engine_for
 from mechtests.heads import attention_between
 from mechtests.patching import ablate
@@ -57,12 +57,6 @@ SUBJECTS = list(REFS)
 FAMILIES = kinds("ioi")
 
 
-def _setup(subject, kind):
-    name, ref = reference(subject, REFS)
-    fam = family("ioi", name, kind).tokenize(subject.model)
-    return ref, fam
-
-
 def _logit_diff(subject, tokens, fam) -> M.Estimate:
     logits, _ = engine_for(subject.model).run(tokens, logits_at=-1)
     return M.evaluate(fam.logit_diff(), logits, [p.clean for p in fam.family.prompts])
@@ -71,7 +65,7 @@ def _logit_diff(subject, tokens, fam) -> M.Estimate:
 @pytest.mark.claim(id="ioi.logit_diff", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_model_prefers_the_indirect_object(subject, kind, record):
-    ref, fam = _setup(subject, kind)
+    ref, fam = measured_on("ioi", subject, REFS, kind)
     est = _logit_diff(subject, fam.clean, fam)
     holds(est.ci_low, ">=", ref.min_logit_diff, "logit(IO) - logit(S), 95% CI lower bound",
           "IO at least e times as likely as S; every published GPT-2 prompt clears 1.7",
@@ -81,7 +75,7 @@ def test_model_prefers_the_indirect_object(subject, kind, record):
 @pytest.mark.claim(id="ioi.name_movers", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_name_movers_have_the_largest_direct_effect(subject, kind, record, pin):
-    ref, fam = _setup(subject, kind)
+    ref, fam = measured_on("ioi", subject, REFS, kind)
     dla = head_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
     record.heatmap(dla, title=f"direct logit attribution by head ({kind})")
     top = [h for h, _ in dla.top_k(ref.top_k)]
@@ -104,8 +98,7 @@ def test_name_movers_have_the_largest_direct_effect(subject, kind, record, pin):
 @pytest.mark.claim(id="ioi.name_mover_attention", source=SOURCE, subjects=list(ATTENDS))
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_name_movers_attend_to_the_indirect_object(subject, kind, record, pin):
-    name, ref = reference(subject, ATTENDS)
-    fam = family("ioi", name, kind).tokenize(subject.model)
+    ref, fam = measured_on("ioi", subject, ATTENDS, kind)
     end = fam.positions["END"]
     to_io = attention_between(subject.model, fam.clean, end, fam.positions["IO"])
     to_s = attention_between(subject.model, fam.clean, end, fam.positions["S2"])
@@ -122,7 +115,7 @@ def test_name_movers_attend_to_the_indirect_object(subject, kind, record, pin):
 @pytest.mark.claim(id="ioi.knockout", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_knocking_out_name_movers_lowers_logit_diff(subject, kind, record):
-    ref, fam = _setup(subject, kind)
+    ref, fam = measured_on("ioi", subject, REFS, kind)
     engine = engine_for(subject.model)
     before = _logit_diff(subject, fam.clean, fam).mean
     knocked = ablate(engine, fam.clean, list(ref.name_movers), fam.logit_diff(), how="mean",

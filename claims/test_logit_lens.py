@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from claims.families import family
+from claims.families import measured_on
 from mechtests.attribution import logit_attribution, logit_lens
-from mechtests.claims import holds, holds_set, reference
+from mechtests.claims import holds, holds_set
 from mechtests.engine import engine_for
 from mechtests.patching import ablate
 
@@ -41,15 +41,9 @@ SOURCE = "nostalgebraist 2020 (logit lens); TransformerLens Exploratory Analysis
 SUBJECTS = list(REFS)
 
 
-def _ioi(subject):
-    name, ref = reference(subject, REFS)
-    fam = family("ioi", name, "ABBA" if name != "gpt2" else "ABBA").tokenize(subject.model)
-    return ref, fam
-
-
 @pytest.mark.claim(id="ioi.logit_lens", source=SOURCE, subjects=SUBJECTS)
 def test_answer_appears_only_from_the_published_layer(subject, record, pin):
-    ref, fam = _ioi(subject)
+    ref, fam = measured_on("ioi", subject, REFS, "ABBA")
     lens = logit_lens(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
     record.heatmap(lens, title="logit lens: accumulated residual -> logit diff")
     labels = lens.labels["layer"]
@@ -67,7 +61,7 @@ def test_answer_appears_only_from_the_published_layer(subject, record, pin):
 
 @pytest.mark.claim(id="ioi.module_contributions", source=SOURCE, subjects=SUBJECTS)
 def test_one_attention_layer_writes_the_answer(subject, record, pin):
-    ref, fam = _ioi(subject)
+    ref, fam = measured_on("ioi", subject, REFS, "ABBA")
     dla = logit_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
     record.heatmap(dla, title="direct logit attribution by layer")
     k = len(ref.top_components)

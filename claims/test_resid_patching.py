@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from claims.families import family, kinds
+from claims.families import kinds, measured_on
 from mechtests.claims import holds, reference
 from mechtests.engine import engine_for
 from mechtests.patching import sweep
@@ -46,8 +46,7 @@ SUBJECTS = list(REFS)
 
 
 def restoration(subject, kind):
-    name, ref = reference(subject, REFS)
-    fam = family("recall", name, kind).tokenize(subject.model)
+    ref, fam = measured_on("recall", subject, REFS, kind)
     result = sweep(engine_for(subject.model), "resid_pre", fam.clean, fam.corrupted,
                    fam.logit_diff(), by=("layer", "pos"))
     norm = result.normalized(result.meta["clean"], result.meta["corrupted"])

@@ -43,3 +43,19 @@ def save_tiny_checkpoint(path: str | Path, n_layer: int = 2, n_head: int = 4, n_
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def save_rich_checkpoint(path: str | Path, n_layer: int = 3, seed: int = 0) -> Path:
+    """A tiny GPT-2 whose LayerNorms and biases are not the init defaults (folding matters)."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    save_tiny_checkpoint(path, n_layer=n_layer, seed=seed)
+    model = GPT2LMHeadModel.from_pretrained(path)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(path)
+    return Path(path)

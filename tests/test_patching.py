@@ -13,25 +13,9 @@ from hypothesis import strategies as st
 from mechtests import patching as P
 from mechtests.engine import Engine
 from mechtests.models import load_model
+from mechtests.testing import save_rich_checkpoint
 
 ATOL = 1e-4
-
-
-def save_rich_checkpoint(path, n_layer=3, seed=0):
-    """A tiny GPT-2 whose LayerNorms and biases are not the init defaults (folding matters)."""
-    from transformers import GPT2LMHeadModel
-
-    from mechtests.testing import save_tiny_checkpoint
-
-    save_tiny_checkpoint(path, n_layer=n_layer, seed=seed)
-    model = GPT2LMHeadModel.from_pretrained(path)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
