@@ -36,6 +36,7 @@ from itertools import groupby, product
 import torch
 
 from mechtests.engine import Ctx, Engine
+from mechtests.progress import progress
 from mechtests.result import Result
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
@@ -161,8 +162,8 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
                    key=lambda i: (p0_of[i], patches.stage(patches.keys[i])))
     kv = [(base.cache.get(f"blocks.{lay}.attn.hook_k"), base.cache.get(f"blocks.{lay}.attn.hook_v"))
           for lay in range(engine.n_layers)]
-    for p0, group in groupby(order, key=lambda i: p0_of[i]):
-        group = list(group)
+    groups = [(p0, list(g)) for p0, g in groupby(order, key=lambda i: p0_of[i])]
+    for p0, group in progress(groups, desc="patching", unit="position"):
         live = base.rp >= p0  # prompts whose read position can see this patch
         if not live.any():
             out[group] = base.metric

@@ -9,6 +9,7 @@ turns into a skip that says how to get it, the same message for every test that 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,6 @@ from mechtests.models import ModelUnavailable, describe, load_model
 
 # heatmap snapshots (syrupy extension) and the claims x checkpoints report
 pytest_plugins = ["mechtests.snapshot", "mechtests.report"]
-
-_LOADED: dict[tuple[str, str, str], Any] = {}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -76,27 +75,32 @@ class Subject:
         return describe(self.model)
 
 
-def get_model(config: pytest.Config, spec: str):
-    """Load ``spec`` once per run (and remember a failure, so it is reported once)."""
-    key = (spec, str(config.getoption("--device")), config.getoption("--dtype"))
-    if key not in _LOADED:
-        try:
-            _LOADED[key] = load_model(spec, config.getoption("--device"),
-                                      config.getoption("--dtype"))
-        except ModelUnavailable as exc:
-            _LOADED[key] = exc
-    got = _LOADED[key]
-    if isinstance(got, ModelUnavailable):
-        pytest.skip(str(got))
-    return got
+@pytest.fixture(scope="session")
+def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
+    """``models(spec)``: the model for ``spec``, loaded once per run with ``--device`` and
+    ``--dtype``. A model whose weights are not here is a skip with the loader's message (how
+    to get them), remembered so that it is tried and reported once, not per test."""
+    loaded: dict[str, Any] = {}
+    device, dtype = pytestconfig.getoption("--device"), pytestconfig.getoption("--dtype")
+
+    def get(spec: str):
+        if spec not in loaded:
+            try:
+                loaded[spec] = load_model(spec, device, dtype)
+            except ModelUnavailable as exc:
+                loaded[spec] = exc
+        if isinstance(loaded[spec], ModelUnavailable):
+            pytest.skip(str(loaded[spec]))
+        return loaded[spec]
+
+    return get
 
 
 @pytest.fixture
-def subject(request: pytest.FixtureRequest) -> Subject:
+def subject(request: pytest.FixtureRequest, models: Callable[[str], Any]) -> Subject:
     """The model a claim is checked against (parametrized by ``--model`` or the claim)."""
-    spec = request.param
-    model = get_model(request.config, spec)
-    return Subject(spec, model.mechtests_spec.name, model)
+    model = models(request.param)
+    return Subject(request.param, model.mechtests_spec.name, model)
 
 
 @pytest.fixture(autouse=True)
