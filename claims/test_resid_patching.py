@@ -53,6 +53,14 @@ def restoration(subject, kind):
     return ref, fam, norm
 
 
+def recalls(norm, record) -> None:
+    """The model recalls the surname: swapping it moves the answer by at least a logit, so
+    there is something to restore (and "no effect" means something)."""
+    gap = norm.meta["normalised"]["clean"] - norm.meta["normalised"]["corrupted"]
+    holds(gap, ">=", 1.0, "clean minus corrupted logit diff", "the model recalls the surname",
+          record)
+
+
 def _at(norm, layers, positions: torch.Tensor) -> torch.Tensor:
     """Per-prompt restoration at each prompt's own position, [n_prompts, len(layers)]."""
     pp = norm.per_prompt[:, list(layers)]  # [n, layers, T]
@@ -65,10 +73,7 @@ def test_surname_then_last_position_carry_the_answer(subject, kind, record, pin)
     ref, fam, norm = restoration(subject, kind)
     record.heatmap(norm, title=f"resid_pre patching, normalised ({kind})")
     surname, end = fam.positions["SURNAME"], fam.positions["END"]
-    gap = norm.meta["normalised"]["clean"] - norm.meta["normalised"]["corrupted"]
-    holds(gap, ">=", 1.0, "clean minus corrupted logit diff",
-          "the model recalls the surname: swapping it moves the answer by at least a logit, "
-          "so there is something to restore", record)
+    recalls(norm, record)
     holds(float(_at(norm, ref.surname_layers, surname).mean(0).min()), ">=", CARRIES,
           f"restoration at the surname, worst of layers {list(ref.surname_layers)}",
           "the answer lives at the surname in early and middle layers", record)
@@ -89,6 +94,7 @@ def test_surname_then_last_position_carry_the_answer(subject, kind, record, pin)
 def test_first_and_in_between_positions_have_no_effect(subject, kind, record):
     reference(subject, QUIET)
     _, fam, norm = restoration(subject, kind)
+    recalls(norm, record)
     pp = norm.per_prompt  # [n, layer, T]
     n, _, T = pp.shape
     pos = torch.arange(T)

@@ -112,7 +112,7 @@ def gpt2_contraction() -> PromptFamily:
 
 GENDERED = [("king", "queen"), ("man", "woman"), ("father", "mother"), ("boy", "girl"),
             ("brother", "sister"), ("husband", "wife"), ("uncle", "aunt"), ("son", "daughter")]
-GENDER_TEMPLATES = ["The {NOUN} said that", "Yesterday the {NOUN} told us that"]
+GENDER_TEMPLATES = ["The {NOUN} said that", "My {NOUN} thought that"]
 
 
 def gpt2_gender() -> PromptFamily:

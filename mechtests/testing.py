@@ -59,3 +59,42 @@ def save_rich_checkpoint(path: str | Path, n_layer: int = 3, seed: int = 0) -> P
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(path)
     return Path(path)
+
+
+# GPT-2's pre-tokenizer, simplified: contractions, words and punctuation with their leading space
+GPT2_LIKE_PATTERN = r"'s|'re| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+"
+
+
+def save_gpt2_shaped_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """GPT-2 small's shape (``GPT2Config()`` defaults, vocab 50257) with seeded random weights
+    and a word-level tokenizer that splits like GPT-2's and knows every word of the GPT-2 prompt
+    families (``mechtests.families``): the GPT-2 claims run on it end to end, offline. The
+    rest of the vocabulary is filler (`` w0``, `` w1``, ...)."""
+    import torch
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from mechtests import families as F
+
+    pre = pre_tokenizers.Split(Regex(GPT2_LIKE_PATTERN), behavior="isolated")
+    fams = [F.gpt2_ioi_ea(), F.gpt2_ioi("ABBA"), F.gpt2_ioi("BABA"),
+            F.gpt2_name_recall_michelle(), F.gpt2_name_recall(), F.gpt2_contraction(),
+            F.gpt2_gender()]
+    pieces = {w for f in fams for p in f.prompts
+              for t in (p.clean, p.corrupted, p.answer, p.counterfactual)
+              for w, _ in pre.pre_tokenize_str(t)}
+    vocab = {"<|endoftext|>": 0}
+    for w in sorted(pieces):
+        vocab[w] = len(vocab)
+    for i in range(50257 - len(vocab)):
+        vocab[f" w{i}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre
+    special = "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special,
+                                   unk_token=special)
+    torch.manual_seed(seed)
+    path = Path(path)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -96,3 +96,15 @@ def test_multitask_claims_fail_when_the_mechanism_heads_are_zeroed(pytester, tmp
                                                                    claim_file, heads, expect):
     res = run_claims(pytester, claim_file, zero_heads("multitask", heads, tmp_path / "zero"))
     assert outcomes(res) == expect, res.stdout.str()[-3000:]
+
+
+def test_gpt2_claims_run_end_to_end_and_fail_on_a_random_gpt2_shaped_model(pytester, tmp_path):
+    """GPT-2's weights are not here, but every GPT-2 claim's code runs on a model of its shape
+    (random weights, a tokenizer that splits like GPT-2's): nothing errors, and nothing holds."""
+    from mechtests.testing import save_gpt2_shaped_checkpoint
+
+    model = save_gpt2_shaped_checkpoint(tmp_path / "gpt2_shaped")
+    res = pytester.runpytest(str(ROOT / "claims"), "--model", str(model), "--no-report",
+                             "-p", "no:cacheprovider", "-q")
+    got = outcomes(res)
+    assert got.get("failed", 0) >= 20 and not got.get("passed") and not got.get("error"), got
