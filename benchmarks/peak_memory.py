@@ -70,10 +70,9 @@ def main() -> None:
         return child(*args.child)
     model_dir = args.model_dir
     if model_dir is None:
-        sys.path.insert(0, str(HERE))
-        from conftest import save_gpt2_small
+        from mechtests.testing import save_gpt2_shaped_checkpoint
 
-        model_dir = str(save_gpt2_small(Path(tempfile.mkdtemp()) / "gpt2_small"))
+        model_dir = str(save_gpt2_shaped_checkpoint(Path(tempfile.mkdtemp()) / "gpt2_small"))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     print(f"{'task':12} {'case':8} {'transformer_lens':>18} {'mechtests':>12}  (peak MB)")
     for task in args.tasks:
