@@ -98,3 +98,23 @@ def save_gpt2_shaped_checkpoint(path: str | Path, seed: int = 0) -> Path:
     GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def compare_attribution_with_tl(ours: dict, tl, atol: float = 1e-4) -> int:
+    """Assert that ``attribution_patches(engine, [("z", ("layer", "head", "pos")), "mlp_out",
+    "resid_pre"], ...)`` equals TransformerLens's ``attribution_patch`` node by node (head
+    outputs, MLP outputs, embeddings, per position); returns how many nodes were compared."""
+    z, mlp, resid = (ours[k].values for k in ("z:layer/head/pos", "mlp_out", "resid_pre"))
+    seen = 0
+    for node, score in tl.node_scores.items():
+        if node.kind == "attn_head_out":
+            mine = z[node.layer, node.head, node.position]
+        elif node.kind == "mlp_out":
+            mine = mlp[node.layer, node.position]
+        elif node.kind == "embed":
+            mine = resid[0, node.position]
+        else:
+            continue
+        assert abs(float(mine) - score) < atol, (node, float(mine), score)
+        seen += 1
+    return seen

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mechtests import patching as P
 from mechtests.engine import Engine
 from mechtests.models import load_model
-from mechtests.testing import save_rich_checkpoint
+from mechtests.testing import compare_attribution_with_tl, save_rich_checkpoint
 
 ATOL = 1e-4
 
@@ -272,19 +272,7 @@ def test_attribution_equals_transformer_lens(rich, prompts):
     tl = tl_attribution_patch(model, clean, corrupted, lambda lg: fixed(lg[0, -1]))
     ours = P.attribution_patches(engine, [("z", ("layer", "head", "pos")), "mlp_out",
                                           "resid_pre"], clean, corrupted, fixed)
-    z, mlp, resid = (ours[k].values for k in ("z:layer/head/pos", "mlp_out", "resid_pre"))
-    seen = 0
-    for node, score in tl.node_scores.items():
-        if node.kind == "attn_head_out":
-            mine = z[node.layer, node.head, node.position]
-        elif node.kind == "mlp_out":
-            mine = mlp[node.layer, node.position]
-        elif node.kind == "embed":
-            mine = resid[0, node.position]
-        else:
-            continue
-        assert abs(float(mine) - score) < ATOL
-        seen += 1
+    seen = compare_attribution_with_tl(ours, tl, ATOL)
     assert seen == clean.shape[1] * (1 + engine.n_layers * (engine.n_heads + 1))
 
 
