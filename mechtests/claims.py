@@ -4,19 +4,18 @@ explain themselves (measured value, threshold and why, components expected and f
 from __future__ import annotations
 
 import json
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import pytest
 
 from mechtests.models import ORGANISMS
+from mechtests.report import OPS
 
 T = TypeVar("T")
 
 # (n_layers, n_heads, d_model, d_vocab) of the reference models that claims are written for.
 GPT2_SHAPE = (12, 12, 768, 50257)
-OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
 def shape_of(model: Any) -> tuple[int, int, int, int]:
@@ -48,17 +47,6 @@ def reference(subject: Any, refs: Mapping[str, T]) -> tuple[str, T]:
     about = "; ".join(f"{n}: {_describe(reference_shape(n))}" for n in refs)
     pytest.skip(f"claim is about component indices of {about}; this checkpoint is a "
                 f"{_describe(shape)}")
-
-
-def findings(organism: str) -> dict[str, Any]:
-    """What the organism's own analysis found (``fixtures/organisms/<name>/findings.json``)."""
-    path = ORGANISMS / organism / "findings.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: run `python -m mechtests.organisms.analysis {organism}` to "
-            f"write the organism's findings"
-        )
-    return json.loads(path.read_text())
 
 
 def holds(measured: float, op: str, threshold: float, what: str, why: str,

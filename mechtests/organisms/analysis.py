@@ -33,13 +33,9 @@ def _vocab(model) -> dict[str, int]:
 
 def to_tokens(model, texts: Sequence[str]) -> torch.Tensor:
     """``<bos>`` + word ids, [n, T]; all texts must have the same word count."""
-    ids = _vocab(model)
-    rows = []
-    for t in texts:
-        try:
-            rows.append([ids["<bos>"]] + [ids[w] for w in t.split()])
-        except KeyError as exc:
-            raise ValueError(f"word {exc} of {t!r} is not in the model's vocabulary") from None
+    from mechtests.organisms.train import encode
+
+    rows = encode(list(texts), _vocab(model))
     if len({len(r) for r in rows}) > 1:
         raise ValueError("texts of one batch need the same word count (group by template)")
     return torch.tensor(rows)
