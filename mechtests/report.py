@@ -12,21 +12,19 @@ When the run finishes (controller only), one new directory is written, atomicall
 
     reports/run-20261121-153000/  report.html (self-contained)  report.md  report.json  images/
 
-Nothing is written when no claim test ran, with ``--no-report``, or when the run was
-interrupted (Ctrl-C, ``-x``/``--maxfail``, an internal error). Earlier reports are kept.
+Nothing is written when no claim test ran or every claim skipped (nothing was checked), with
+``--no-report``, or when the run was interrupted (Ctrl-C, ``-x``/``--maxfail``, an internal
+error). Earlier reports are kept. The renderers (HTML, Markdown, figures) are in ``render.py``.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
 import json
 import math
 import operator
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -37,12 +35,12 @@ from typing import Any
 
 import pytest
 
+from mechtests import render
 from mechtests.result import Result
 
 PREFIX = "mechtests."  # user_properties names this plugin owns
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-OUTCOMES = ("error", "failed", "xpassed", "held", "xfailed", "skipped")  # worst first
-MAX_DRAWN = 100  # heatmaps with more labels than this on an axis are not drawn (values in JSON)
+OUTCOMES = render.ORDER  # worst first: error, failed, xpassed, inconclusive, moved, held, ...
 
 
 # -- what a test records ---------------------------------------------------------------------------
@@ -73,8 +71,17 @@ class Record:
         """Attach a heatmap; the report draws it next to the other models' heatmap of this title."""
         if not isinstance(result, Result):
             raise TypeError(f"record.heatmap takes a mechtests Result, got {type(result).__name__}")
-        self._node.user_properties.append((PREFIX + "heatmap", {
-            "title": title or result.name, "result": _plain(result.to_json())}))
+        entry = {"title": title or result.name, "result": _plain(result.to_json())}
+        node = self._node
+        callspec = getattr(node, "callspec", None)
+        if callspec is not None and getattr(node, "path", None) is not None:
+            from mechtests.snapshot import model_of
+
+            ref = render.reference_heatmap(Path(node.path), node.originalname, callspec.id,
+                                           model_of(node), entry["result"])
+            if ref is not None:  # the committed snapshot the report draws first
+                entry["reference"] = ref
+        node.user_properties.append((PREFIX + "heatmap", entry))
 
 
 @pytest.fixture
@@ -229,6 +236,9 @@ class ReportPlugin:
             return
         if not self.results:
             return
+        if all(r.outcome == "skipped" for r in self.results.values()):
+            self.note = "every claim skipped (nothing was checked): no report written"
+            return
         stopped = session.shouldfail or session.shouldstop
         if exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR) or stopped:
             self.note = "run interrupted or stopped early: no report written"
@@ -334,199 +344,6 @@ def build(results: list[TestResult], settings: dict[str, Any]) -> dict[str, Any]
             "claims": list(claims.values())}
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "x"
-
-
-def _draw(data: dict[str, Any], images: Path) -> None:
-    """Draw every drawable heatmap to images/, recording the file name in the heatmap's entry."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    used: set[str] = set()
-    for claim in data["claims"]:
-        lims: dict[str, float] = {}  # one colour scale per heatmap title across the models
-        for cell in claim["cells"].values():
-            for test in cell["tests"]:
-                for heat in test["heatmaps"]:
-                    lim = max((abs(v) for v in _flat(heat["result"]["values"])
-                               if math.isfinite(v)), default=0.0)
-                    lims[heat["title"]] = max(lims.get(heat["title"], 0.0), lim)
-        for model, cell in claim["cells"].items():
-            for test in cell["tests"]:
-                for i, heat in enumerate(test["heatmaps"]):
-                    result = Result.from_json(heat["result"])
-                    sizes = [len(result.labels[a]) for a in result.axes]
-                    if not 1 <= len(sizes) <= 2 or max(sizes) > MAX_DRAWN:
-                        heat["image"] = None
-                        heat["note"] = f"not drawn ({' x '.join(map(str, sizes))}): see JSON"
-                        continue
-                    name = f"{_slug(claim['id'])}--{_slug(model)}--{_slug(heat['title'])}"
-                    while name in used:
-                        name += f"-{i}"
-                    used.add(name)
-                    fig = result.heatmap(title=f"{model}: {heat['title']}")
-                    lim = lims[heat["title"]] or 1.0
-                    fig.axes[0].images[0].set_clim(-lim, lim)
-                    fig.savefig(images / f"{name}.png", dpi=80)
-                    plt.close(fig)
-                    heat["image"] = f"images/{name}.png"
-
-
-def _flat(values: Any) -> list[float]:
-    if isinstance(values, list):
-        return [x for v in values for x in _flat(v)]
-    return [float("nan") if values is None else float(values)]
-
-
-def _heat_rows(claim: dict[str, Any], models: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    """Heatmaps grouped by title: [(title, {model: heatmap entry})], in first-seen order.
-
-    When a claim has several tests per model, the title is prefixed with the test function and
-    repeated titles are numbered, so each row lines the same heatmap up across models.
-    """
-    rows: dict[str, dict[str, Any]] = {}
-    for model in models:
-        cell = claim["cells"].get(model)
-        seen: dict[str, int] = {}
-        for test in cell["tests"] if cell else []:
-            for heat in test["heatmaps"]:
-                title = heat["title"]
-                if len(cell["tests"]) > 1:
-                    func = test["nodeid"].split("::")[-1].split("[")[0]
-                    title = f"{func}: {title}"
-                seen[title] = seen.get(title, 0) + 1
-                key = title if seen[title] == 1 else f"{title} #{seen[title]}"
-                rows.setdefault(key, {})[model] = heat
-    return list(rows.items())
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _short(text: str, n: int = 120) -> str:
-    """Table cells stay short; the claim's section below has the full text."""
-    return text if len(text) <= n else text[: n - 1].rstrip() + "…"
-
-
-def _setting(value: Any) -> str:
-    if isinstance(value, dict):
-        return "; ".join(f"{k}: {_setting(v)}" for k, v in value.items())
-    if isinstance(value, list):
-        return ", ".join(map(str, value))
-    return str(value)
-
-
-def render_md(data: dict[str, Any]) -> str:
-    s, models = data["settings"], data["models"]
-    out = [f"# mechtests report: {s['date']}", "", "## What held", ""]
-    out.append("| claim | " + " | ".join(_md_cell(m) for m in models) + " |")
-    out.append("|---" * (len(models) + 1) + "|")
-    for claim in data["claims"]:
-        cells = []
-        for m in models:
-            cell = claim["cells"].get(m)
-            text = f": {_short(cell['text'])}" if cell and cell["text"] else ""
-            cells.append("n/a" if cell is None else _md_cell(cell["outcome"] + text))
-        out.append(f"| {_md_cell(claim['id'])} | " + " | ".join(cells) + " |")
-    counts = ", ".join(f"{n} {o}" for o, n in data["counts"].items() if n)
-    out += ["", f"Tests: {counts}.", "", "## Settings", ""]
-    for key, value in s.items():
-        out.append(f"- {key}: `{_setting(value)}`")
-    for claim in data["claims"]:
-        out += ["", f"## {claim['id']}", ""]
-        if claim["source"]:
-            out += [f"Source: {claim['source']}", ""]
-        for m in models:
-            cell = claim["cells"].get(m)
-            if cell:
-                for t in cell["tests"]:
-                    line = f"- `{m}` `{t['nodeid']}`: **{t['outcome']}**"
-                    detail = "; ".join(_measure_text(x) for x in t["measurements"]) or t["reason"]
-                    out.append(line + (f": {_md_cell(detail)}" if detail else ""))
-        rows = _heat_rows(claim, models)
-        if rows:
-            out += ["", "| heatmap | " + " | ".join(models) + " |", "|---" * (len(models) + 1)
-                    + "|"]
-            for title, by_model in rows:
-                imgs = []
-                for m in models:
-                    heat = by_model.get(m)
-                    imgs.append("" if heat is None else
-                                f"![{_md_cell(m)}]({heat['image']})" if heat.get("image")
-                                else _md_cell(heat.get("note", "")))
-                out.append(f"| {_md_cell(title)} | " + " | ".join(imgs) + " |")
-    return "\n".join(out) + "\n"
-
-
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
-vertical-align:top;text-align:left}.held{background:#dff5df}.failed,.error{background:#f9d6d5}
-.skipped,.xfailed{background:#eee;color:#555}.xpassed{background:#fff3c4}
-img{max-width:480px}code{font-size:90%}"""
-
-
-def render_html(data: dict[str, Any], images: Path) -> str:
-    e = html.escape
-    s, models = data["settings"], data["models"]
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>mechtests report "
-           f"{e(s['date'])}</title><style>{CSS}</style></head><body>",
-           f"<h1>mechtests report: {e(s['date'])}</h1><h2>What held</h2><table><tr><th>claim</th>"]
-    out += [f"<th>{e(m)}</th>" for m in models] + ["</tr>"]
-    for claim in data["claims"]:
-        out.append(f"<tr><td><a href='#{e(_slug(claim['id']))}'>{e(claim['id'])}</a></td>")
-        for m in models:
-            cell = claim["cells"].get(m)
-            if cell is None:
-                out.append("<td>n/a</td>")
-            else:
-                text = f": {e(_short(cell['text']))}" if cell["text"] else ""
-                out.append(f"<td class='{cell['outcome']}'><b>{cell['outcome']}</b>{text}</td>")
-        out.append("</tr>")
-    out.append("</table>")
-    counts = ", ".join(f"{n} {o}" for o, n in data["counts"].items() if n)
-    out.append(f"<p>Tests: {e(counts)}.</p><h2>Settings</h2><table>")
-    for key, value in s.items():
-        out.append(f"<tr><th>{e(key)}</th><td><code>{e(_setting(value))}</code></td></tr>")
-    out.append("</table>")
-    for claim in data["claims"]:
-        out.append(f"<h2 id='{e(_slug(claim['id']))}'>{e(claim['id'])}</h2>")
-        if claim["source"]:
-            out.append(f"<p>Source: {e(claim['source'])}</p>")
-        out.append("<ul>")
-        for m in models:
-            for t in (claim["cells"].get(m) or {"tests": []})["tests"]:
-                detail = "; ".join(_measure_text(x) for x in t["measurements"]) or t["reason"]
-                out.append(f"<li><code>{e(m)}</code> <code>{e(t['nodeid'])}</code>: "
-                           f"<b class='{t['outcome']}'>{t['outcome']}</b>"
-                           + (f": {e(detail)}" if detail else "") + "</li>")
-        out.append("</ul>")
-        rows = _heat_rows(claim, models)
-        if rows:
-            out.append("<table><tr><th>heatmap</th>" + "".join(f"<th>{e(m)}</th>" for m in models)
-                       + "</tr>")
-            for title, by_model in rows:
-                out.append(f"<tr><td>{e(title)}</td>")
-                for m in models:
-                    heat = by_model.get(m)
-                    if heat is None:
-                        out.append("<td></td>")
-                    elif heat.get("image"):
-                        png = (images.parent / heat["image"]).read_bytes()
-                        b64 = base64.b64encode(png).decode()
-                        out.append(f"<td><img alt='{e(m)}: {e(title)}' "
-                                   f"src='data:image/png;base64,{b64}'></td>")
-                    else:
-                        out.append(f"<td>{e(heat.get('note', ''))}</td>")
-                out.append("</tr>")
-            out.append("</table>")
-    out.append("</body></html>")
-    return "\n".join(out)
-
-
 def _finite(obj: Any) -> Any:
     """Strict JSON: NaN and infinities become null."""
     if isinstance(obj, float):
@@ -550,9 +367,9 @@ def write_report(results: list[TestResult], settings: dict[str, Any], parent: Pa
         data = build(results, settings)
         images = tmp / "images"
         images.mkdir()
-        _draw(data, images)
-        (tmp / "report.md").write_text(render_md(data), encoding="utf-8")
-        (tmp / "report.html").write_text(render_html(data, images), encoding="utf-8")
+        render.draw(data, images)
+        (tmp / "report.md").write_text(render.render_md(data), encoding="utf-8")
+        (tmp / "report.html").write_text(render.render_html(data, images), encoding="utf-8")
         (tmp / "report.json").write_text(
             json.dumps(_finite(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
         stamp = dt.datetime.fromisoformat(settings["date"]).strftime("%Y%m%d-%H%M%S") \
