@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: claims test bench lint example-report
+.PHONY: claims test bench lint example-report browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,11 +16,26 @@ $(BIN)/.installed: pyproject.toml
 claims: $(BIN)/.installed  ## the main job: every claim against the shipped organisms
 	$(BIN)/pytest claims/
 
-test: $(BIN)/.installed  ## the whole suite: library tests, claims, benchmarks' agreement checks
+test: $(BIN)/.installed browser  ## the whole suite: library tests, claims, benchmarks' agreement checks
 	$(BIN)/pytest tests/ claims/ benchmarks/ --benchmark-disable
 
 bench: $(BIN)/.installed  ## speed against TransformerLens (pytest-benchmark)
 	$(BIN)/pytest benchmarks/ --benchmark-columns=min,mean,max,rounds --benchmark-group-by=group
+
+# headless Chromium, for the report's browser test and screenshots: installed with apt-get when
+# running as root on Debian/Ubuntu; otherwise (or offline) that test skips, saying why
+CHROMIUM := command -v chromium || command -v chromium-browser || command -v google-chrome
+browser:
+	@($(CHROMIUM)) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get) for the report's browser test"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; } \
+	    || echo "apt-get install chromium failed: the report's browser test will skip"; \
+	  else \
+	    echo "chromium not found and not root with apt-get: the report's browser test will skip"; \
+	  fi; }
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check mechtests tests claims benchmarks conftest.py
@@ -28,7 +43,12 @@ lint: $(BIN)/.installed
 CHECKPOINTS := --model multitask --model fixtures/checkpoints/multitask-finetune \
 	--model fixtures/checkpoints/multitask-seed1
 
-example-report: $(BIN)/.installed  ## the shipped organism, a fine-tune and another seed, one report
+SHOT := $(BIN)/python -m mechtests.browser shot reports/example/report.html
+
+example-report: $(BIN)/.installed browser  ## the organism, a fine-tune, another seed; screenshots
 	rm -rf build/example-report
-	$(BIN)/pytest claims/ $(CHECKPOINTS) --report-dir build/example-report || true
+	OMP_NUM_THREADS=1 $(BIN)/pytest claims/ $(CHECKPOINTS) --report-dir build/example-report || true
 	rm -rf reports/example && cp -r build/example-report/run-* reports/example
+	$(SHOT) reports/example/screenshots/matrix.png --height 900
+	$(SHOT) reports/example/screenshots/heatmaps.png --at ioi.name_movers --height 1000
+	$(SHOT) reports/example/screenshots/lines.png --at ioi.logit_lens --height 820

@@ -942,7 +942,7 @@ def render_html(data: dict[str, Any], images: Path) -> str:
                 (f"{variant(t, m)}: " if variant(t, m) else "") + test_text(t)
                 for t in cell["tests"])
             summary = _glyph(o) + (f"<b>{e(number)}</b>" if number else "") + (
-                f"<span class='need'>{e(need)}</span>" if need else "")
+                f"<span class='need'>{e(need)}</span>" if need and len(models) <= 6 else "")
             more = "".join(
                 f"<div>{_glyph(t.get('outcome', ''))}"
                 + (f"<b>{e(variant(t, m))}</b> " if variant(t, m) else "")
