@@ -52,3 +52,5 @@ example-report: $(BIN)/.installed browser  ## the organism, a fine-tune, another
 	$(SHOT) reports/example/screenshots/matrix.png --height 900
 	$(SHOT) reports/example/screenshots/heatmaps.png --at ioi.name_movers --height 1000
 	$(SHOT) reports/example/screenshots/lines.png --at ioi.logit_lens --height 820
+	$(BIN)/python -c "import sys; sys.path[:0] = ['tests', '.']; import test_report as t; \
+	  t.screenshot_every_outcome('reports/example/screenshots/outcomes.png')"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from pathlib import Path
-
 from mechtests import render as ren
-from mechtests.report import TestResult, build, write_report
 from mechtests.render import render_md
+from mechtests.report import TestResult, build, write_report
 
 pytest_plugins = ["pytester"]
 
@@ -65,7 +64,7 @@ def test_several_tests_in_one_cell_show_the_worst_and_the_counts():
     assert cell["outcome"] == "error" and cell["text"] == "setup: boom; (1 error, 1 held)"
 
 
-# -- the renderers, on synthetic data with every outcome (what the verdicts issue will produce) -----
+# -- the renderers, on synthetic data with every outcome (as the verdicts issue will produce) ---
 LONG = ("gpt2 weights are not on this machine: " + "x" * 400 + " (hf download gpt2)")
 
 
@@ -112,6 +111,26 @@ def every_outcome() -> dict:
     return data
 
 
+def screenshot_every_outcome(png: str) -> None:
+    """The page of ``every_outcome()`` as Chromium shows it at 1400 px (for the README)::
+
+        python -c "import sys; sys.path.insert(0, 'tests'); import test_report as t; \\
+                   t.screenshot_every_outcome('out.png')"
+    """
+    import tempfile
+
+    from mechtests import browser
+
+    data = every_outcome()
+    data["settings"]["command"] = "synthetic data: tests/test_report.py::every_outcome"
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images"
+        images.mkdir()
+        ren.draw(data, images)
+        (Path(tmp) / "report.html").write_text(ren.render_html(data, images), encoding="utf-8")
+        browser.screenshot(Path(tmp) / "report.html", Path(png), height=520)
+
+
 def test_every_outcome_has_its_glyph_key_number_and_reason():
     from mechtests import render
 
@@ -139,7 +158,7 @@ def test_every_outcome_has_its_glyph_key_number_and_reason():
     assert "<span class='mut good'" in page and "<span class='mut warn'" in page
     assert "break 9.9 QK" in page and "killed" in page  # the kill matrix, on demand
     assert "<script" not in page  # no JavaScript
-    for glyph in "✓↷✗⚠?!":
+    for glyph in "✓↷✗⚠?!⊘":
         assert f"<span class='g'>{glyph}</span>" in page
     # the full measurement and reason are in the cell (hover title and <details>)
     assert "title='ABBA: held, moved; components moved: 9.9 → 10.2;" in page
@@ -183,7 +202,8 @@ def test_reference_heatmap_is_the_stored_snapshot_of_the_model_or_its_shape(tmp_
     folder.mkdir(parents=True)
     for model, size, value in [("gpt2", 3, 9.0), ("multitask", 2, 1.0)]:
         res = Result("head attribution", ("layer", "head"),
-                     {"layer": [str(i) for i in range(size)], "head": [str(i) for i in range(size)]},
+                     {"layer": [str(i) for i in range(size)],
+                      "head": [str(i) for i in range(size)]},
                      torch.full((size, size), value))
         (folder / f"test_nm[{model}-ABBA][head_dla].heatmap.txt").write_text(dumps(res, model))
     small = heat([[0.0, 1.0], [2.0, 3.0]])
@@ -247,7 +267,7 @@ def test_one_dimensional_results_are_line_plots(report_dir):
                    heatmaps=[{"title": "steer", "result": sweep(v), "reference": ref}])
         for mod, v in [("base", [0.0, 1.0, 2.0]), ("ft", [0.0, 2.0, 4.0])]],
         {"models": ["base", "ft"]})
-    render.draw(data, images := report_dir / "images")
+    render.draw(data, report_dir / "images")
     (fig,) = data["claims"][0]["figures"]
     assert [i["file"].endswith("--lines.png") for i in fig["images"]] == [True]
     assert [d["file"].endswith("--lines-diff.png") for d in fig["diffs"]] == [True]
