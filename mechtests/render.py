@@ -744,7 +744,7 @@ def render_md(data: dict[str, Any]) -> str:
             text += f" ({need})" if need and need != "found" else (" found" if need else "")
             cells.append(_md(text))
         mut = _mutation(data, claim["id"])
-        label = f"[{claim['id']}](#{_slug(claim['id'])})" + (
+        label = f"[{claim['id']}](#{_gh_anchor(claim['id'])})" + (
             f" · _{mut['verdict']}_" if mut else "")
         out.append(f"| {_md(label)} | " + " | ".join(cells) + " |")
     problems = not_held(data)
@@ -784,6 +784,11 @@ def render_md(data: dict[str, Any]) -> str:
             if shown:
                 out.append(shown)
     return "\n".join(out) + "\n"
+
+
+def _gh_anchor(heading: str) -> str:
+    """The anchor GitHub (and most Markdown viewers) give a ``## heading``."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
 
 
 def _where(note: dict[str, Any], data: dict[str, Any], names: dict[str, str]) -> str:

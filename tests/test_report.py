@@ -50,7 +50,7 @@ def test_table_has_one_cell_per_claim_and_checkpoint():
     md = render_md(data)
     # one glyph and the key number per cell; the tally per checkpoint in the column header
     assert "| claim | gpt2 · 1✓ 1– | tiny · 1✗ 1✓ |" in md
-    assert "| [ioi.name_movers](#ioi.name_movers) | ✓ 0.82 (≥ 0.5) | ✗ 0.31 (≥ 0.5) |" in md
+    assert "| [ioi.name_movers](#ioiname_movers) | ✓ 0.82 (≥ 0.5) | ✗ 0.31 (≥ 0.5) |" in md
     assert "| [induction](#induction) | – | ✓ |" in md
     assert "- ✗ **ioi.name_movers** on `tiny`: AssertionError: score = 0.31" not in md
     assert "- ✗ **ioi.name_movers** on `tiny`: score = 0.31" in md  # why, without the noise
@@ -144,10 +144,10 @@ def test_every_outcome_has_its_glyph_key_number_and_reason():
     assert keys[("induction.exists", "base")] == ("inconclusive", "0.01", "≥ 0.5")
     assert keys[("x.expected", "base")][0] == "xpassed"
     md = render.render_md(data)
-    assert "| [ioi.name_movers](#ioi.name_movers) · _discriminating_ | ✓ 1/1 found | ↷ 9.9→10.2 |" \
+    assert "| [ioi.name_movers](#ioiname_movers) · _discriminating_ | ✓ 1/1 found | ↷ 9.9→10.2 |" \
         in md
     assert "· _cannot fail when 1.1 breaks_ | ✓ 0.55 (≥ 0.4) | ✗ 0.06 (≥ 0.4) |" in md
-    assert "| [induction.exists](#induction.exists) | ? 0.01 (≥ 0.5) | ⚠ AttributeError |" in md
+    assert "| [induction.exists](#inductionexists) | ? 0.01 (≥ 0.5) | ⚠ AttributeError |" in md
     assert "entropy.ablation](#" not in md  # skipped everywhere: a note, not a matrix row
     assert md.count(LONG) == 1 and "- entropy.ablation on all 2 checkpoints: " + LONG in md
     assert "- ⚠ **induction.exists** on `ft`: AttributeError: 'Bridge' object" in md
