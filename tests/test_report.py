@@ -308,6 +308,16 @@ def test_write_report_makes_a_new_complete_directory_each_time(tmp_path):
     assert "![gpt2](images/ioi.name_movers--head_attribution--gpt2.png)" in md
 
 
+def test_a_report_is_drawn_again_from_its_json(tmp_path):
+    first = write_report(results(), SETTINGS, tmp_path / "runs")
+    again = ren.rerender(first / "report.json", tmp_path / "again")
+    assert (again / "report.md").read_text() == (first / "report.md").read_text()
+    assert sorted(p.name for p in (again / "images").iterdir()) == sorted(
+        p.name for p in (first / "images").iterdir())
+    with pytest.raises(FileExistsError):  # never over an existing directory
+        ren.rerender(first / "report.json", tmp_path / "again")
+
+
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch, error):
     earlier = write_report(results(), SETTINGS, tmp_path)
