@@ -112,7 +112,8 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 900,
         if colours:
             from PIL import Image
 
-            Image.open(raw).convert("RGB").quantize(colours, dither=Image.Dither.NONE).save(
+            Image.open(raw).convert("RGB").quantize(  # octree keeps small glyphs' colours
+                colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
                 png, optimize=True)
         else:
             shutil.copy(raw, png)

@@ -473,8 +473,9 @@ def _save(fig: Any, path: Path) -> None:
     fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
     buf.seek(0)
-    Image.open(buf).convert("RGB").quantize(256, dither=Image.Dither.NONE).save(path,
-                                                                               optimize=True)
+    image = Image.open(buf).convert("RGB")
+    image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+        path, optimize=True)
 
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
