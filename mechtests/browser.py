@@ -108,7 +108,7 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 900,
         copy = _with_script(page, script, Path(tmp))
         raw = Path(tmp) / "shot.png"
         _run([f"--window-size={width},{height}", "--virtual-time-budget=5000",
-              f"--screenshot={raw}", copy.as_uri()])
+              "--run-all-compositor-stages-before-draw", f"--screenshot={raw}", copy.as_uri()])
         if colours:
             from PIL import Image
 
