@@ -255,7 +255,7 @@ class ReportPlugin:
     def settings(self, exitstatus: int) -> dict[str, Any]:
         cfg = self.config
         results = list(self.results.values())
-        models = _ordered_models(results, cfg.getoption("--model", None))
+        models = _ordered_models(results, list(dict.fromkeys(cfg.getoption("--model", None) or [])))
         subjects = {r.model: r.subject for r in results if r.subject and r.model}
         return {
             "date": self.started.isoformat(timespec="seconds"),
