@@ -199,6 +199,7 @@ class _State:
     active: set[str] = field(default_factory=set)
     modules: set[str] = field(default_factory=set)
     complete: bool = False
+    uses_snapshots: bool = False  # a collected test uses syrupy's ``snapshot`` fixture
     held_back: list[str] = field(default_factory=list)
     note: str = ""
 
@@ -383,6 +384,7 @@ class _Tracker:
         prefix = HeatmapExtension._sanitize_filename(PyTestLocation(item).snapshot_name)
         module = str(Path(item.path).resolve())
         self.state.items[item.nodeid] = (module, prefix, model_of(item))
+        self.state.uses_snapshots |= "snapshot" in getattr(item, "fixturenames", ())
         self.state.modules.add(module)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -406,7 +408,10 @@ class _Tracker:
         """Before syrupy's finish: an incomplete session deletes and advises nothing."""
         why = _incomplete(session, exitstatus, self.state.complete)
         option = self.config.option
-        if (why and not hasattr(self.config, "workerinput")
+        # snapshots are in play: a test uses them, or this is the xdist controller (it collects
+        # nothing itself, and is where syrupy deletes)
+        in_play = self.state.uses_snapshots or not self.state.items
+        if (why and in_play and not hasattr(self.config, "workerinput")
                 and not getattr(option, "disable_unused_snapshots", True)):
             option.disable_unused_snapshots = True
             self.state.note = (
