@@ -2,8 +2,10 @@
 
 A claim test takes a ``subject`` fixture and is run once per model: the models named with
 ``--model`` (repeatable), or else the claim's own reference subjects (``subjects=[...]`` in its
-``claim`` marker). Each model loads once per run; a model whose weights are not on this machine
-turns into a skip that says how to get it, the same message for every test that needs it.
+``claim`` marker). Each model loads once per run. A ``--model`` that is not on this machine
+stops the run before any test (a typo must not turn CI green on skips) unless
+``--allow-missing-models``; a claim's own reference subject that is not here is a skip that says
+how to get it. A checkpoint that fails to load is reported in full once, then in one line.
 """
 
 from __future__ import annotations
