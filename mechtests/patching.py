@@ -77,8 +77,14 @@ def _read_positions(read_pos, n: int, T: int, device) -> torch.Tensor:
     return rp % T
 
 
-def _call_metric(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
-    """Apply the metric, insisting on one value per prompt (per patch)."""
+def _call_metric(metric: Metric, logits: torch.Tensor, engine: Engine | None = None,
+                 tokens: torch.Tensor | None = None, patches: Sequence[tuple] | None = None
+                 ) -> torch.Tensor:
+    """Apply the metric, insisting on one finite value per prompt (per patch).
+
+    A NaN or infinite value raises ``MetricError`` naming the prompt (its text, from ``tokens``)
+    and the patch (from ``patches``, one key per leading row): never a silent NaN heatmap.
+    """
     out = torch.as_tensor(metric(logits))
     if tuple(out.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
@@ -86,6 +92,27 @@ def _call_metric(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
             f"{tuple(logits.shape)} (..., n_prompts, d_vocab) it returned shape "
             f"{tuple(out.shape)}, expected {tuple(logits.shape[:-1])}. Reduce over the vocab "
             "only, not over prompts (no .mean() over the batch).")
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        from mechtests.metrics import MetricError
+
+        where = bad.reshape(-1, bad.shape[-1]) if bad.dim() else bad.reshape(1, 1)
+        row, i = (int(x) for x in where.nonzero()[0])
+        value = out.reshape(where.shape)[row, i].item()
+        text = ""
+        tok = getattr(getattr(engine, "model", None), "tokenizer", None)
+        if tokens is not None and tok is not None:
+            try:
+                text = f" ({tok.decode(tokens[i].tolist())!r})"
+            except Exception:  # noqa: BLE001 - the index alone still names the prompt
+                pass
+        patch = f" after patch {patches[row]}" if patches is not None and row < len(patches) \
+            else (" in the unpatched run" if patches is None and out.dim() <= 1 else "")
+        raise MetricError(
+            f"the metric returned {value} for prompt {i}{text}{patch} ({int(bad.sum())} "
+            f"non-finite value(s) in all): every value must be finite, or the heatmap is "
+            f"meaningless. Check the metric (a log of 0, a division by 0) and the answer "
+            f"tokens of that prompt.")
     return out
 
 
@@ -123,7 +150,8 @@ def _run(engine: Engine, tokens, want: Iterable[str], metric: Metric, rp) -> _Ru
     ctx = Ctx(set(want))
     x = engine.forward(engine.embed(tokens, ctx), 0, ctx=ctx)[:, 0]
     final = x[torch.arange(len(x), device=x.device), rp]
-    return _Run(tokens, ctx.cache, rp, final, _call_metric(metric, engine.unembed(final)))
+    return _Run(tokens, ctx.cache, rp, final,
+                _call_metric(metric, engine.unembed(final), engine, tokens))
 
 
 def _stage_name(engine: Engine, stage: int) -> str:
@@ -184,7 +212,8 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
             x = engine.forward(None, min(entries), p0=p0, prefix=prefix, entries=entries,
                                read=base.rp - p0)[:, :, 0]  # [N, P, d]
             x = torch.where(live[:, None, None], x, base.final[:, None])
-            out[part] = _call_metric(metric, engine.unembed(x).transpose(0, 1))
+            out[part] = _call_metric(metric, engine.unembed(x).transpose(0, 1), engine,
+                                     base.tokens, [patches.keys[i] for i in part])
     return out
 
 
@@ -512,7 +541,7 @@ def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
             fns = {n: _replace(values[n], idxs) for n, idxs in edits.items()}
             logits, _ = engine.run(tokens, edits=fns)
             clean = _run(engine, tokens, (), metric, rp).metric
-            out = _call_metric(metric, logits[torch.arange(N), rp])[None]  # [1, N]
+            out = _call_metric(metric, logits[torch.arange(N), rp], engine, tokens)[None]
             labels = ["+".join(components)]
         else:
             want = set()
@@ -610,7 +639,8 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
                 fn.ctx = ctx
             x0 = base.cache[f"blocks.{first}.hook_resid_pre"][:, None].expand(N, P, T, -1)
             x = engine.forward(x0, 2 * first, ctx=ctx, read=rp)[:, :, 0]
-            vals = _call_metric(metric, engine.unembed(x).transpose(0, 1))
+            vals = _call_metric(metric, engine.unembed(x).transpose(0, 1), engine, base_tok,
+                                [f"sender {lay}.{h}" for lay, h in part])
             out[[lay * H + h for lay, h in part]] = vals
     per_prompt = out.T.reshape(N, L, H)
     clean_run, corr_run = (src, base) if direction == "denoise" else (base, src)
@@ -677,7 +707,7 @@ def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequenc
         x0 = engine.embed(base_tok).detach().requires_grad_(True)
         x = engine.forward(x0, 0, ctx=ctx)[:, 0]
         final = x[torch.arange(N, device=x.device), rp]
-        m = _call_metric(metric, engine.unembed(final))
+        m = _call_metric(metric, engine.unembed(final), engine, base_tok)
         m.sum().backward()
     out = {}
     for key, site, by in specs:

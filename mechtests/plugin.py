@@ -2,12 +2,15 @@
 
 A claim test takes a ``subject`` fixture and is run once per model: the models named with
 ``--model`` (repeatable), or else the claim's own reference subjects (``subjects=[...]`` in its
-``claim`` marker). Each model loads once per run; a model whose weights are not on this machine
-turns into a skip that says how to get it, the same message for every test that needs it.
+``claim`` marker). Each model loads once per run. A ``--model`` that is not on this machine
+stops the run before any test (a typo must not turn CI green on skips) unless
+``--allow-missing-models``; a claim's own reference subject that is not here is a skip that says
+how to get it. A checkpoint that fails to load is reported in full once, then in one line.
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +19,19 @@ from typing import Any
 import pytest
 import torch
 
-from mechtests.models import ModelUnavailable, describe, load_model
+from mechtests.models import (
+    CheckpointError,
+    DeviceError,
+    ModelUnavailable,
+    NoSuchModel,
+    check_checkpoint,
+    check_device,
+    describe,
+    load_model,
+    resolve,
+)
+
+SEED_MAX = 2**64 - 1  # torch.manual_seed's range (non-negative)
 
 # heatmap snapshots (syrupy extension) and the claims x checkpoints report
 pytest_plugins = ["mechtests.snapshot", "mechtests.report"]
@@ -33,7 +48,67 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dtype", default="float32",
                     choices=["float32", "float64", "bfloat16", "float16"],
                     help="dtype to load models in (default float32)")
-    group.addoption("--seed", type=int, default=0, help="seed for everything that samples")
+    group.addoption("--seed", type=_seed, default=0,
+                    help=f"seed for everything that samples, 0..{SEED_MAX} (default 0)")
+    group.addoption("--allow-missing-models", action="store_true", default=False,
+                    help="a --model that is not on this machine (a hub name not in the local "
+                         "cache, a directory that does not exist) skips its claims instead of "
+                         "stopping the run")
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: a seed is 0..{SEED_MAX} "
+                                         f"(2**64 - 1), as torch.manual_seed takes")
+    return seed
+
+
+def _specs(specs: list[str]) -> list[str]:
+    """The specs once each, in order: the same model given twice runs (and is reported) once.
+
+    Two spellings of one existing directory (``ckpt``, ``./ckpt/``) count as the same model.
+    """
+    from pathlib import Path
+
+    seen: dict[str, str] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        key = str(path.resolve()) if path.is_dir() else spec
+        seen.setdefault(key, spec)
+    return list(seen.values())
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Check ``--model``/``--device`` before any test runs: a typo stops the run, once.
+
+    A spec that names nothing on this machine (a path that does not exist, a hub name not in
+    the cache) is an error unless ``--allow-missing-models`` (then its claims skip, saying
+    why); a checkpoint that is there but broken is always an error.
+    """
+    config = session.config
+    if hasattr(config, "workerinput"):  # the xdist controller checked already
+        return
+    problems = []
+    try:
+        check_device(config.getoption("--device"))
+    except DeviceError as exc:
+        problems.append(str(exc))
+    allow = config.getoption("--allow-missing-models")
+    for spec in _specs(config.getoption("--model") or []):
+        try:
+            check_checkpoint(resolve(spec).path)
+        except (ModelUnavailable, NoSuchModel) as exc:
+            if not allow:
+                problems.append(f"{exc} (given with --model; to run without it, its claims "
+                                f"skipped, pass --allow-missing-models)")
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise pytest.UsageError("\n".join(problems))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,7 +124,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     marker = metafunc.definition.get_closest_marker("claim")
     own = list(marker.kwargs.get("subjects") or []) if marker else []
-    specs = metafunc.config.getoption("--model") or own
+    specs = _specs(metafunc.config.getoption("--model") or own)
     if not specs:
         raise pytest.UsageError(
             f"{metafunc.definition.nodeid} takes a subject but names no subjects in its claim "
@@ -79,19 +154,34 @@ class Subject:
 def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
     """``models(spec)``: the model for ``spec``, loaded once per run with ``--device`` and
     ``--dtype``. A model whose weights are not here is a skip with the loader's message (how
-    to get them), remembered so that it is tried and reported once, not per test."""
+    to get them); a checkpoint that fails to load is an error, shown in full for the first
+    test that needs it and in one line for the others (it is tried once, not per test)."""
     loaded: dict[str, Any] = {}
+    first: dict[str, str] = {}  # spec -> the test that reported its load error in full
     device, dtype = pytestconfig.getoption("--device"), pytestconfig.getoption("--dtype")
 
-    def get(spec: str):
-        if spec not in loaded:
+    def get(spec: str, nodeid: str = ""):
+        fresh = spec not in loaded
+        if fresh:
             try:
                 loaded[spec] = load_model(spec, device, dtype)
             except ModelUnavailable as exc:
                 loaded[spec] = exc
-        if isinstance(loaded[spec], ModelUnavailable):
-            pytest.skip(str(loaded[spec]))
-        return loaded[spec]
+            except (CheckpointError, DeviceError) as exc:
+                loaded[spec], first[spec] = exc, nodeid
+            except Exception as exc:
+                loaded[spec], first[spec] = exc, nodeid
+                raise  # unexpected: the first test shows the traceback
+        if fresh and isinstance(loaded[spec], (CheckpointError, DeviceError)):
+            pytest.fail(str(loaded[spec]), pytrace=False)  # the message says it all
+        got = loaded[spec]
+        if isinstance(got, ModelUnavailable):
+            pytest.skip(str(got))
+        if isinstance(got, Exception):
+            line = (str(got).strip().splitlines() or [type(got).__name__])[0]
+            pytest.fail(f"model {spec!r} could not be loaded (in full at {first[spec]}): "
+                        f"{type(got).__name__}: {line}", pytrace=False)
+        return got
 
     return get
 
@@ -99,7 +189,7 @@ def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
 @pytest.fixture
 def subject(request: pytest.FixtureRequest, models: Callable[[str], Any]) -> Subject:
     """The model a claim is checked against (parametrized by ``--model`` or the claim)."""
-    model = models(request.param)
+    model = models(request.param, request.node.nodeid)
     return Subject(request.param, model.mechtests_spec.name, model)
 
 

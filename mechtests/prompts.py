@@ -3,7 +3,8 @@
 A family is the unit a claim is measured on: ``When {IO} and {S1} went to the {PLACE} , {S2}
 gave a {OBJ} to`` over many fills, with its corrupted twin, the answer (`` {IO}``) and the
 counterfactual (`` {S1}``). Tokenizing against a model checks everything a patching run assumes
-(same token counts, single-token answers, positions that exist) and says what split where.
+(same token counts, single-token answers that differ from their counterfactuals, positions that
+exist, no word the tokenizer maps to its unknown token) and says what split where.
 """
 
 from __future__ import annotations
@@ -150,6 +151,29 @@ def _splits(tok: Any, ids: Sequence[int]) -> str:
     return " | ".join(repr(tok.decode([i])) for i in ids)
 
 
+def _check_known(fam: PromptFamily, i: int, tok: Any, what: str, text: str) -> None:
+    """Refuse text the tokenizer does not know: it would silently become the unknown token
+    (word-level tokenizers turn unknown words and emoji into ``<unk>``), and pass every other
+    check. A literal unknown-token string in the text is the user's own and is allowed."""
+    unk_id, unk = getattr(tok, "unk_token_id", None), getattr(tok, "unk_token", None)
+    if unk_id is None or (unk and unk in text):
+        return
+    ids = _encode(tok, text)
+    if unk_id not in ids:
+        return
+    unknown = []
+    for word in text.split():
+        if unk_id in _encode(tok, word) and word not in unknown:
+            unknown.append(word)
+    named = ", ".join(map(repr, unknown[:5])) or repr(text)
+    raise PromptError(
+        f"family {fam.name!r}, prompt {i}: the {what} {text!r} has words the tokenizer does not "
+        f"know ({named}): they become {unk!r} (id {unk_id}), so the model would see the same "
+        f"unknown token for all of them. Use words in the model's vocabulary.\n"
+        f"  tokens: {_splits(tok, ids)}"
+    )
+
+
 def _tokenize(fam: PromptFamily, tok: Any) -> TokenizedFamily:
     bos: list[int] = []
     if fam.prepend_bos:
@@ -162,6 +186,8 @@ def _tokenize(fam: PromptFamily, tok: Any) -> TokenizedFamily:
     clean, corrupted, answers, cfs = [], [], [], []
     positions: dict[str, list[int]] = {}
     for i, p in enumerate(fam.prompts):
+        for what, text in (("clean prompt", p.clean), ("corrupted prompt", p.corrupted)):
+            _check_known(fam, i, tok, what, text)
         c, k = bos + _encode(tok, p.clean), bos + _encode(tok, p.corrupted)
         if len(c) != len(k):
             raise PromptError(
@@ -178,6 +204,7 @@ def _tokenize(fam: PromptFamily, tok: Any) -> TokenizedFamily:
                 f"  prompt 0: {_splits(tok, clean[0])}\n  prompt {i}: {_splits(tok, c)}"
             )
         for word, out in ((p.answer, answers), (p.counterfactual, cfs)):
+            _check_known(fam, i, tok, "answer" if out is answers else "counterfactual", word)
             ids = _encode(tok, word)
             if len(ids) != 1:
                 raise PromptError(
@@ -186,6 +213,14 @@ def _tokenize(fam: PromptFamily, tok: Any) -> TokenizedFamily:
                     f"that is a single token for this tokenizer (mind the leading space)."
                 )
             out.append(ids[0])
+        if answers[-1] == cfs[-1]:
+            raise PromptError(
+                f"family {fam.name!r}, prompt {i}: the answer {p.answer!r} and the "
+                f"counterfactual {p.counterfactual!r} are the same token "
+                f"({_splits(tok, [answers[-1]])}, id {answers[-1]}), so logit(answer) - "
+                f"logit(counterfactual) is 0 in every run and every patch: nothing could be "
+                f"measured. Give each prompt a counterfactual that differs from its answer."
+            )
         for name, offset in p.marks.items():
             prefix = p.clean[:offset].rstrip(" ")
             at = len(bos) + len(_encode(tok, prefix)) if prefix else len(bos)

@@ -20,6 +20,7 @@ error). Earlier reports are kept. The renderers (HTML, Markdown, figures) are in
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import math
 import operator
@@ -186,6 +187,7 @@ class ReportPlugin:
         self.started = dt.datetime.now().astimezone()
         self.written: Path | None = None
         self.note = ""
+        self.loop_done = False  # the test loop returned normally (not Ctrl-C, not an error)
 
     # -- on every process (xdist workers included): tag claim tests --
     @pytest.hookimpl(trylast=True)
@@ -230,8 +232,20 @@ class ReportPlugin:
                 report.nodeid, claim["id"], claim.get("source", ""), props.get(PREFIX + "model"))
         _update(res, report)
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session: pytest.Session):
+        result = yield
+        self.loop_done = True  # not reached when Ctrl-C or an error ends the loop
+        return result
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Write the report whole, or say why not; a report that cannot be written fails the run.
+
+        A run counts as complete only when the test loop returned normally and nothing stopped
+        it: the exit status alone is not trusted (it stays 0 when pytest's own interrupt
+        handling fails).
+        """
         if hasattr(self.config, "workerinput") or self.config.getoption("--no-report"):
             return
         if not self.results:
@@ -240,14 +254,23 @@ class ReportPlugin:
             self.note = "every claim skipped (nothing was checked): no report written"
             return
         stopped = session.shouldfail or session.shouldstop
-        if exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR) or stopped:
+        if exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR) or stopped \
+                or not self.loop_done:
             self.note = "run interrupted or stopped early: no report written"
             return
         try:
             self.written = write_report(list(self.results.values()), self.settings(exitstatus),
                                         self.report_dir())
+        except KeyboardInterrupt:
+            self.note = ("interrupted while writing the report: nothing written (the partial "
+                         "directory was removed)")
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
         except Exception as exc:  # a broken report must not hide the test results
-            self.note = f"report not written: {type(exc).__name__}: {exc}"
+            self.note = (f"report NOT written: {type(exc).__name__}: {exc}. Make "
+                         f"{self.report_dir()} a writable directory, or pass --report-dir DIR "
+                         f"(--no-report turns reports off)")
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.written is not None:
@@ -265,7 +288,7 @@ class ReportPlugin:
     def settings(self, exitstatus: int) -> dict[str, Any]:
         cfg = self.config
         results = list(self.results.values())
-        models = _ordered_models(results, cfg.getoption("--model", None))
+        models = _ordered_models(results, list(dict.fromkeys(cfg.getoption("--model", None) or [])))
         subjects = {r.model: r.subject for r in results if r.subject and r.model}
         return {
             "date": self.started.isoformat(timespec="seconds"),
@@ -355,6 +378,29 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _publish(tmp: Path, parent: Path, name: str) -> Path:
+    """Rename the finished ``tmp`` to ``parent/name`` (or ``name-2``, ``-3``, ...), never onto
+    an existing report: another run may take a name at any moment, so a name that is taken when
+    the rename happens (EEXIST/ENOTEMPTY) moves on to the next. The directory gets the usual
+    permissions (``0o777 & ~umask``), not the private 0700 of a temporary directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for n in range(1, 10_000):
+        final = parent / (name if n == 1 else f"{name}-{n}")
+        if final.exists() or final.is_symlink():
+            continue
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR) \
+                    or isinstance(exc, FileExistsError):
+                continue  # taken between the check and the rename
+            raise
+        return final
+    raise FileExistsError(f"{parent}: no free name {name}-N for the report (N up to 9999)")
+
+
 def write_report(results: list[TestResult], settings: dict[str, Any], parent: Path) -> Path:
     """Write ``parent/run-<timestamp>/`` whole or not at all; returns the new directory.
 
@@ -374,16 +420,7 @@ def write_report(results: list[TestResult], settings: dict[str, Any], parent: Pa
             json.dumps(_finite(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
         stamp = dt.datetime.fromisoformat(settings["date"]).strftime("%Y%m%d-%H%M%S") \
             if "date" in settings else dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        final, n = parent / f"run-{stamp}", 1
-        while True:  # never overwrite an earlier report (two runs in one second)
-            try:
-                if final.exists():
-                    raise FileExistsError(final)
-                os.rename(tmp, final)
-                return final
-            except FileExistsError:
-                n += 1
-                final = parent / f"run-{stamp}-{n}"
+        return _publish(tmp, parent, f"run-{stamp}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

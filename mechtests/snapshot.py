@@ -13,21 +13,25 @@ Values match when ``|actual - expected| <= atol + rtol * |expected|`` in every c
 and shape must match exactly. A snapshot that matches within tolerance counts as a match, so
 ``--snapshot-update`` leaves its file alone; only snapshots that really changed are rewritten.
 
-Models that did not run here (weights missing, so their tests skipped, or not asked for with
-``--model``) keep their snapshots: each file records its model, and a file is only discovered by
-syrupy (and so only ever reported unused or deleted) when its model got at least one test through
-its call phase in this session and its test module was collected.
+``--snapshot-update`` touches only what it must. A snapshot file is written, and is visible to
+syrupy (so it can be reported unused or deleted), only when its own test passed in this session
+(setup, call and teardown); a file whose test no longer exists is visible only when its model
+got a test through its call phase here and its module was collected. After a session that did
+not complete (a failure, ``-x``/``--maxfail``, Ctrl-C, a collection error) syrupy's unused
+detection is off: nothing is deleted and nothing is advised. A NaN never matches and is never
+recorded. The state lives in the pytest session (``config.stash``), not in globals.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from mechtests.result import Result
@@ -151,8 +155,8 @@ def compare(actual: dict[str, Any], expected: dict[str, Any], atol: float, rtol:
                 f"received {len(got)}"]
     bad_cells = []
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        if math.isnan(g) or math.isnan(w):
-            ok, diff = math.isnan(g) and math.isnan(w), math.inf
+        if math.isnan(g) or math.isnan(w):  # NaN never matches, not even NaN
+            ok, diff = False, math.inf
         else:
             diff = abs(g - w)
             ok = g == w or diff <= atol + rtol * abs(w)
@@ -184,17 +188,40 @@ def _where(flat: int, shape: tuple[int, ...], axes: list[str], labels: dict[str,
     return ", ".join(f"{a}={labels[a][c]!r}" for a, c in zip(axes, coords, strict=True))
 
 
-# -- the syrupy extension --------------------------------------------------------------------------
+# -- the session's state (config.stash) ------------------------------------------------------
 @dataclass
-class _Models:
-    """Per session: each test's model, and the models that got a test through its call."""
+class _State:
+    """What this session ran: each test's module, snapshot-name prefix and model; which tests
+    passed; which models ran; whether the test loop completed; the writes held back."""
 
-    of_node: dict[str, str | None]
-    active: set[str]
-    modules: set[str]
+    items: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)
+    passed: set[str] = field(default_factory=set)
+    active: set[str] = field(default_factory=set)
+    modules: set[str] = field(default_factory=set)
+    complete: bool = False
+    uses_snapshots: bool = False  # a collected test uses syrupy's ``snapshot`` fixture
+    held_back: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def owner(self, filepath: str) -> str | None:
+        """The collected test a snapshot file belongs to (longest name prefix), or None."""
+        path = Path(filepath)
+        module = str((path.parent.parent.parent / f"{path.parent.name}.py").resolve())
+        stem = path.name.removesuffix("." + HeatmapExtension.file_extension)
+        best, best_len = None, -1
+        for nodeid, (mod, prefix, _) in self.items.items():
+            if mod == module and len(prefix) > best_len and (
+                    stem == prefix or stem.startswith((prefix + "[", prefix + "."))):
+                best, best_len = nodeid, len(prefix)
+        return best
 
 
-_SESSIONS: list[_Models] = []  # one per running session (pytester nests sessions in-process)
+STATE = pytest.StashKey[_State]()
+
+
+def _state_of(test_location: Any) -> _State | None:
+    config = getattr(getattr(test_location, "item", None), "config", None)
+    return config.stash.get(STATE, None) if config is not None else None
 
 
 class HeatmapExtension(SingleFileSnapshotExtension):
@@ -208,6 +235,7 @@ class HeatmapExtension(SingleFileSnapshotExtension):
 
     file_extension = "heatmap.txt"
     snapshot_dirname = "__heatmaps__"
+    write_immediately = False  # queued to the session's end, when it is known which tests passed
     _write_mode = WriteMode.TEXT
     model: str | None = None  # set by the ``heatmap_snapshot`` fixture, recorded in the file
 
@@ -222,6 +250,17 @@ class HeatmapExtension(SingleFileSnapshotExtension):
             raise TypeError(
                 f"heatmap snapshots take a mechtests Result (or within(result, atol=...)), got "
                 f"{type(heat.result).__name__}; use the plain `snapshot` fixture for other data"
+            )
+        nan = torch.isnan(heat.result.values)
+        if nan.any():
+            shape = tuple(heat.result.values.shape)
+            cells = [_where(int(i), shape, list(heat.result.axes), heat.result.labels)
+                     for i in nan.flatten().nonzero()[:5, 0]]
+            raise ValueError(
+                f"heatmap {heat.result.name!r} has {int(nan.sum())} NaN cell(s) ({'; '.join(cells)}"
+                f"{' ...' if int(nan.sum()) > 5 else ''}): a NaN never matches a snapshot and is "
+                f"never recorded. Find where it comes from (a metric that returns NaN raises "
+                f"MetricError naming the prompt) and fix it there."
             )
         text = _Serialized(dumps(heat.result, self.model))
         text.atol, text.rtol = heat.atol, heat.rtol
@@ -259,25 +298,45 @@ class HeatmapExtension(SingleFileSnapshotExtension):
         yield "If the change is intended, accept it with `pytest --snapshot-update`."
 
     def owns_snapshot_collection(self, *, filepath: str, test_location: Any) -> bool:
-        """Only files whose test module was collected and whose model ran a test in this session.
+        """Only files syrupy may judge: their own test passed in this session, or (no test owns
+        them any more) their module was collected and their model ran a test here.
 
-        The others (a model whose weights are missing, or not asked for) are invisible to syrupy,
-        so they are never reported unused nor deleted by ``--snapshot-update``.
+        The others (a test that failed, was skipped, stopped or never ran; a model whose weights
+        are missing, or not asked for) are invisible to syrupy, so they are never reported
+        unused nor deleted by ``--snapshot-update``.
         """
         if not super().owns_snapshot_collection(filepath=filepath, test_location=test_location):
             return False
-        if not _SESSIONS:
+        state = _state_of(test_location)
+        if state is None:  # used outside a session with this plugin
             return True
-        session = _SESSIONS[-1]
         path = Path(filepath)
         module = path.parent.parent.parent / f"{path.parent.name}.py"
-        if str(module.resolve()) not in session.modules:  # e.g. --ignore'd: not ours to judge
+        if str(module.resolve()) not in state.modules:  # e.g. --ignore'd: not ours to judge
             return False
+        owner = state.owner(filepath)
+        if owner is not None:
+            return owner in state.passed
         try:
             model = loads(path.read_text(encoding="utf-8")).get("model")
         except (OSError, ValueError):
             return True
-        return model is None or model in session.active
+        return model is None or model in state.active
+
+    @classmethod
+    def write_snapshot(cls, *, snapshot_location: str, snapshots: list, **kwargs: Any) -> None:
+        """Write only the snapshots of tests that passed (writes are queued to the session's end
+        for this): a test that failed after ``pin`` never overwrites its committed snapshot."""
+        keep = []
+        for snap in snapshots:
+            state = _state_of(snap[1])
+            nodeid = getattr(getattr(snap[1], "item", None), "nodeid", None)
+            if state is None or nodeid in state.passed:
+                keep.append(snap)
+            else:
+                state.held_back.append(f"{Path(snapshot_location).name} (test {nodeid})")
+        if keep:
+            super().write_snapshot(snapshot_location=snapshot_location, snapshots=keep, **kwargs)
 
 
 def assert_heatmap(snapshot: Any, result: Result, *, name: str | None = None,
@@ -305,25 +364,83 @@ def heatmap_snapshot(snapshot: Any, request: pytest.FixtureRequest) -> Any:
     return snap
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _SESSIONS.append(_Models({}, set(), set()))
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[STATE] = _State()
+    config.pluginmanager.register(_Tracker(config), "mechtests-snapshot-tracker")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if _SESSIONS:
-        _SESSIONS[-1].of_node.update({item.nodeid: model_of(item) for item in items})
-        _SESSIONS[-1].modules.update(str(Path(item.path).resolve()) for item in items)
+class _Tracker:
+    """Fills the session's ``_State`` and turns syrupy's cleanup off after an incomplete run."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.state = config.stash[STATE]
+
+    def pytest_itemcollected(self, item: pytest.Item) -> None:
+        if not isinstance(item, pytest.Function):
+            return
+        from syrupy.location import PyTestLocation
+
+        prefix = HeatmapExtension._sanitize_filename(PyTestLocation(item).snapshot_name)
+        module = str(Path(item.path).resolve())
+        self.state.items[item.nodeid] = (module, prefix, model_of(item))
+        self.state.uses_snapshots |= "snapshot" in getattr(item, "fixturenames", ())
+        self.state.modules.add(module)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" and report.passed:
+            self.state.passed.add(report.nodeid)
+        elif report.failed:  # a teardown error undoes a passed call
+            self.state.passed.discard(report.nodeid)
+        if report.when == "call" and not report.skipped:
+            model = self.state.items.get(report.nodeid, (None, None, None))[2]
+            if model is not None:
+                self.state.active.add(model)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session: pytest.Session):
+        result = yield
+        self.state.complete = True  # not reached when Ctrl-C or an error ends the loop
+        return result
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int):
+        """Before syrupy's finish: an incomplete session deletes and advises nothing."""
+        why = _incomplete(session, exitstatus, self.state.complete)
+        option = self.config.option
+        # snapshots are in play: a test uses them, or this is the xdist controller (it collects
+        # nothing itself, and is where syrupy deletes)
+        in_play = self.state.uses_snapshots or not self.state.items
+        if (why and in_play and not hasattr(self.config, "workerinput")
+                and not getattr(option, "disable_unused_snapshots", True)):
+            option.disable_unused_snapshots = True
+            self.state.note = (
+                f"the run did not complete ({why}), so no snapshot is judged unused and none "
+                f"is deleted (mechtests turned syrupy's unused detection off for this run); "
+                f"snapshots are only written for tests that passed")
+        return (yield)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.state.held_back:
+            terminalreporter.write_line(
+                f"mechtests: {len(self.state.held_back)} heatmap snapshot(s) not written because "
+                f"their test did not pass (the committed file is unchanged): "
+                + ", ".join(self.state.held_back[:5])
+                + (" ..." if len(self.state.held_back) > 5 else ""))
+        if self.state.note:
+            terminalreporter.write_line(f"mechtests: {self.state.note}")
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "call" and not report.skipped and _SESSIONS:
-        model = _SESSIONS[-1].of_node.get(report.nodeid)
-        if model is not None:
-            _SESSIONS[-1].active.add(model)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Runs after syrupy's own (tryfirst) finish, which discovers snapshots with this state."""
-    if _SESSIONS:
-        _SESSIONS.pop()
+def _incomplete(session: pytest.Session, exitstatus: int, loop_completed: bool) -> str:
+    """Why a session did not complete (empty when it did)."""
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        return "interrupted"
+    if exitstatus == pytest.ExitCode.INTERNAL_ERROR:
+        return "internal error"
+    if session.shouldfail or session.shouldstop:
+        return str(session.shouldfail or session.shouldstop)
+    if session.testsfailed:
+        return f"{session.testsfailed} failed"
+    if not loop_completed:
+        return "the test loop did not finish"
+    return ""

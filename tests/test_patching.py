@@ -413,3 +413,51 @@ def test_bad_input_errors(rich):
         P.ablate(engine, clean, ["1.1"], metric, how="gaussian")
     with pytest.raises(ValueError, match=r"receiver 'mlp1' is not a head"):
         P.path_patch(engine, clean, corrupted, metric, ["mlp1"])
+
+
+# -- a metric that returns NaN raises, naming the prompt (issue 10) ------------------------------
+def _nan_after(metric, calls: int, prompt: int):
+    """``metric``, but NaN for ``prompt`` from its ``calls``-th call on (the unpatched runs come
+    first, so ``calls=2`` gives NaN only in patched runs)."""
+    seen = [0]
+
+    def m(logits):
+        out = metric(logits)
+        seen[0] += 1
+        if seen[0] > calls:
+            out = out.clone()
+            out[..., prompt] = float("nan")
+        return out
+
+    return m
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z"])
+def test_nan_in_a_patched_run_raises_naming_prompt_and_patch(rich, site):
+    from mechtests.metrics import MetricError
+
+    model, engine = rich
+    clean, corrupted, metric = make_prompts(model.cfg.d_vocab, 3, 8, seed=3)
+    with pytest.raises(MetricError, match=r"the metric returned nan for prompt 2 \('.+'\) after "
+                                          r"patch \(\d+, \d+\) .*every value must be finite"):
+        P.sweep(engine, site, clean, corrupted, _nan_after(metric, 2, prompt=2))
+
+
+def test_nan_in_the_unpatched_run_raises_for_every_view(rich):
+    from mechtests.metrics import MetricError
+
+    model, engine = rich
+    clean, corrupted, metric = make_prompts(model.cfg.d_vocab, 3, 8, seed=3)
+    calls = [
+        lambda m: P.sweep(engine, "resid_pre", clean, corrupted, m),
+        lambda m: P.ablate(engine, clean, ["0.1", "1.2"], m),
+        lambda m: P.ablate(engine, clean, ["0.1", "1.2"], m, together=True),
+        lambda m: P.path_patch(engine, clean, corrupted, m, ["2.1"]),
+        lambda m: P.attribution_patch(engine, "resid_pre", clean, corrupted, m),
+    ]
+    for call in calls:
+        with pytest.raises(MetricError, match=r"returned nan for prompt 1 "):
+            call(_nan_after(metric, 0, prompt=1))
+    # the control: the same calls with the finite metric raise nothing
+    for call in calls:
+        assert torch.isfinite(call(metric).values).all()

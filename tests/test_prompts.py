@@ -86,3 +86,32 @@ def test_no_bos_token(tiny_model):
 
     with pytest.raises(PromptError, match=r"prepend_bos=False"):
         ioi().tokenize(NoBos())
+
+
+# -- silent wrong inputs (issue 10) ------------------------------------------------------------
+@pytest.mark.parametrize(("clean", "answer", "unknown"), [
+    ("Mary gave a sandwich to", " John", "'sandwich'"),       # an unknown word
+    ("Mary gave a drink 🍹 to", " John", "'🍹'"),              # an emoji
+    ("Mary gave a drink to", " Zed", "'Zed'"),                # an unknown answer
+])
+def test_words_the_tokenizer_does_not_know_are_named_not_turned_into_unk(tiny_model, clean,
+                                                                         answer, unknown):
+    corrupted = clean.replace("Mary", "John")
+    fam = PromptFamily("unk", [Prompt(clean, corrupted, answer, " Mary")])
+    with pytest.raises(PromptError, match=rf"prompt 0: the (clean prompt|answer) .* has words the "
+                                          rf"tokenizer does not know \({unknown}\): they become "
+                                          rf"'<unk>'"):
+        fam.tokenize(tiny_model)
+
+
+def test_unk_check_does_not_fire_on_known_words_or_a_literal_unk(tiny_model):
+    fam = PromptFamily("ok", [Prompt("Mary gave <unk> to", "John gave <unk> to", " John",
+                                     " Mary")])
+    assert fam.tokenize(tiny_model).clean.shape == (1, 5)
+
+
+def test_answer_equal_to_counterfactual_is_refused(tiny_model):
+    fam = PromptFamily.from_template("same", IOI, FILLS, swap_s2, " {IO}", " {IO}")
+    with pytest.raises(PromptError, match=r"prompt 0: the answer ' Mary' and the counterfactual "
+                                          r"' Mary' are the same token .* is 0 in every run"):
+        fam.tokenize(tiny_model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from mechtests.snapshot import within
 
 MODELS = {models!r}
 SKIP = {skip!r}
+FAIL = {fail!r}  # "before"/"after" pin: [models]; "interrupt": [models] (Ctrl-C in the test)
 DELTA = {delta!r}  # model -> [(layer, pos, added)]
 ATOL = {atol!r}
 
@@ -41,7 +44,11 @@ def loaded(model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_claim(loaded, model, heatmap_snapshot):
+    if model in FAIL.get("interrupt", []):
+        raise KeyboardInterrupt
+    assert model not in FAIL.get("before", []), "the claim failed"
     assert heatmap_snapshot(name="sweep") == within(sweep(model), atol=ATOL)
+    assert model not in FAIL.get("after", []), "failed after pin"
 
 
 def test_unrelated():
@@ -57,13 +64,14 @@ def test_dropped_later(model, heatmap_snapshot):
 
 
 def run(pytester: pytest.Pytester, *args: str, models=("tiny", "gpt2"), skip=(), delta=None,
-        atol=1e-3, extra: str = ""):
+        atol=1e-3, extra: str = "", fail=None):
     pytester.makepyfile(test_claims=INNER.format(models=list(models), skip=list(skip),
-                                                 delta=delta or {}, atol=atol, extra=extra))
+                                                 delta=delta or {}, atol=atol, extra=extra,
+                                                 fail=fail or {}))
     # hypothesis's terminal summary costs ~2 s per inner session here: leave it out
     return pytester.runpytest_inprocess("-p", "mechtests.snapshot", "-p", "no:cacheprovider",
                                         "-p", "no:hypothesispytest",
-                                        *args)
+                                        *args, no_reraise_ctrlc=True)
 
 
 def snap_file(pytester: pytest.Pytester, model: str, test: str = "test_claim",
@@ -101,11 +109,21 @@ def test_compare_tolerance_names_cells_and_labels():
     assert "layer='0', pos='0 <bos>': expected 0, actual -0.002" in msg
     # rtol scales with |expected|: 0.05 off 0.5 is within rtol=0.2
     assert compare(loads(dumps(result(moved))), exp, atol=3e-3, rtol=0.2) == []
-    # NaN only matches NaN
+    # NaN never matches, not even NaN (issue 10: NaN == NaN hid a broken measurement)
     nan = base.clone()
     nan[0, 1] = float("nan")
-    assert compare(loads(dumps(result(nan))), loads(dumps(result(nan))), 1e-3, 0) == []
+    assert "1 of 6 cells" in compare(loads(dumps(result(nan))), loads(dumps(result(nan))), 1e-3,
+                                     0)[0]
     assert "1 of 6 cells" in compare(loads(dumps(result(nan))), exp, 1e-3, 0)[0]
+    assert "1 of 6 cells" in compare(exp, loads(dumps(result(nan))), 1e-3, 0)[0]
+
+
+def test_nan_result_is_refused_naming_the_cells():
+    nan = torch.zeros(2, 3)
+    nan[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"heatmap 'r' has 1 NaN cell\(s\) \(layer='1', "
+                                         r"pos='2 John'\).*never recorded"):
+        HeatmapExtension().serialize(result(nan))
 
 
 def test_compare_labels_and_shape_exactly():
@@ -219,3 +237,65 @@ def test_h(snapshot, request):
     out.assert_outcomes(failed=1)
     assert "1 of 2 cells differ by more than atol=0.1; max abs diff 0.5 at head='1'" in \
         out.stdout.str()
+
+
+# -- --snapshot-update touches only what it must (issue 10) ------------------------------------
+SYRUPY_UNUSED = re.compile(r"\d+ (unused snapshots? deleted|snapshots? unused)")
+
+
+def _files(pytester):
+    return {p.name: p.read_text() for p in (pytester.path / "__heatmaps__").rglob("*.heatmap.txt")}
+
+
+@pytest.mark.parametrize("stop", [(), ("-x",), ("--maxfail=1",)])
+def test_update_after_a_failed_or_stopped_run_deletes_nothing(pytester, stop):
+    run(pytester, "--snapshot-update", extra=EXTRA).assert_outcomes(passed=4)
+    before = _files(pytester)
+    assert len(before) == 3
+    # tiny's claim fails before pin: its snapshot is not "unused"; with -x/--maxfail the later
+    # tests (test_dropped_later[tiny], of a model that did run) never run: theirs stay too
+    out = run(pytester, "--snapshot-update", *stop, extra=EXTRA, fail={"before": ["tiny"]})
+    assert out.ret == 1
+    text = out.stdout.str()
+    assert not SYRUPY_UNUSED.search(text) and "Re-run pytest with --snapshot-update" not in text
+    assert "the run did not complete" in text
+    assert _files(pytester) == before
+
+
+def test_interrupted_run_deletes_nothing_and_advises_nothing(pytester):
+    run(pytester, "--snapshot-update", extra=EXTRA).assert_outcomes(passed=4)
+    before = _files(pytester)
+    for args in (("--snapshot-update",), ()):
+        out = run(pytester, *args, extra=EXTRA, fail={"interrupt": ["gpt2"]})
+        assert out.ret == pytest.ExitCode.INTERRUPTED
+        text = out.stdout.str()
+        assert not SYRUPY_UNUSED.search(text)
+        assert "Re-run pytest with --snapshot-update" not in text
+        assert "the run did not complete (interrupted)" in text
+        assert _files(pytester) == before
+
+
+def test_snapshot_of_a_test_that_failed_after_pin_is_not_overwritten(pytester):
+    run(pytester, "--snapshot-update").assert_outcomes(passed=3)
+    path = snap_file(pytester, "tiny")
+    stored = path.read_text()
+    out = run(pytester, "--snapshot-update", delta={"tiny": [(1, 2, 0.5)]},
+              fail={"after": ["tiny"]})
+    out.assert_outcomes(passed=2, failed=1)
+    assert path.read_text() == stored
+    assert "1 heatmap snapshot(s) not written because their test did not pass" in \
+        out.stdout.str()
+    # the control: once the test passes, the change is written
+    run(pytester, "--snapshot-update", delta={"tiny": [(1, 2, 0.5)]}).assert_outcomes(passed=3)
+    assert loads(path.read_text())["values"][1][2] == pytest.approx(1.0)
+
+
+def test_a_passing_run_still_cleans_up_what_is_really_unused(pytester):
+    run(pytester, "--snapshot-update", extra=EXTRA).assert_outcomes(passed=4)
+    dropped = snap_file(pytester, "tiny", "test_dropped_later", "other")
+    # a failing run does not delete it ...
+    run(pytester, "--snapshot-update", fail={"before": ["gpt2"]})
+    assert dropped.exists()
+    # ... a passing one does: its test is gone and its model ran
+    out = run(pytester, "--snapshot-update")
+    assert "1 unused snapshot deleted" in out.stdout.str() and not dropped.exists()
