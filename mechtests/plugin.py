@@ -34,13 +34,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     choices=["float32", "float64", "bfloat16", "float16"],
                     help="dtype to load models in (default float32)")
     group.addoption("--seed", type=int, default=0, help="seed for everything that samples")
+    group.addoption("--mutate", action="store_true", default=False,
+                    help="mutation-test every claim that holds: re-run it on mutants of its "
+                         "subject (heads renumbered, the named components' attention or output "
+                         "broken, unnamed components and all weights perturbed) and report a "
+                         "kill matrix and a verdict per claim")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "claim(id, source, subjects=None): a research claim; id names it in reports, source cites "
-        "the paper or notebook, subjects lists the reference models it is written for",
+        "claim(id, source, subjects=None, kind='mechanism'): a research claim; id names it in "
+        "reports, source cites the paper or notebook, subjects lists the reference models it is "
+        "written for; kind='behaviour' for a claim about what the model does, naming no "
+        "component",
     )
 
 
@@ -74,6 +81,20 @@ class Subject:
     def shape(self) -> str:
         return describe(self.model)
 
+    def __repr__(self) -> str:  # failures show this, never the model's module tree
+        try:
+            return f"Subject({self.spec!r}: {self.shape})"
+        except Exception:  # noqa: BLE001 - a repr must not raise
+            return f"Subject({self.spec!r})"
+
+
+class ModelSkipped(pytest.skip.Exception):  # type: ignore[name-defined,misc]
+    """A skip because a model's weights are not on this machine (reported once per model)."""
+
+    def __init__(self, spec: str, message: str):
+        super().__init__(message)
+        self.spec, self.message = spec, message
+
 
 @pytest.fixture(scope="session")
 def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
@@ -90,7 +111,7 @@ def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
             except ModelUnavailable as exc:
                 loaded[spec] = exc
         if isinstance(loaded[spec], ModelUnavailable):
-            pytest.skip(str(loaded[spec]))
+            raise ModelSkipped(spec, str(loaded[spec]))
         return loaded[spec]
 
     return get
@@ -132,3 +153,63 @@ def pin(request: pytest.FixtureRequest, heatmap_snapshot: Any):
             assert_heatmap(heatmap_snapshot, result, name=name, atol=atol)
 
     return check
+
+
+# -- outcomes: error, inconclusive and model-absent skips kept apart --------------------------------
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A claim's crash (any exception but its assertion) is an *error*, a bug and not a finding;
+    ``Inconclusive`` (the effect-size guard) is its own outcome; a model whose weights are
+    absent is one grouped skip with the how-to, not one per test."""
+    from mechtests.claims import Inconclusive
+
+    report = yield
+    exc = call.excinfo
+    if exc is None:
+        return report
+    if isinstance(exc.value, ModelSkipped):
+        report.longrepr = (f"model {exc.value.spec}", None, exc.value.message)
+        report.mechtests_unavailable = exc.value.message
+    elif item.get_closest_marker("claim") is None or call.when != "call":
+        return report
+    elif isinstance(exc.value, Inconclusive) and not hasattr(report, "wasxfail"):
+        path, line = item.reportinfo()[:2]
+        report.outcome = "skipped"
+        report.longrepr = (str(path), (line or 0) + 1, f"Inconclusive: {exc.value}")
+        report.mechtests_outcome = "inconclusive"
+    elif report.failed and not isinstance(exc.value, (AssertionError,
+                                                      pytest.fail.Exception)):
+        report.mechtests_outcome = "error"
+    return report
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
+    marked = getattr(report, "mechtests_outcome", None)
+    if report.when == "call" and marked == "inconclusive":
+        return "inconclusive", "i", ("INCONCLUSIVE", {"yellow": True})
+    if report.when == "call" and marked == "error":
+        return "error", "E", ("ERROR", {"red": True})
+    return None
+
+
+# -- --mutate ---------------------------------------------------------------------------------------
+_MUTANTS = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """Under ``--mutate``, a claim test that held is re-run on its subject's mutants."""
+    result = yield
+    subject = getattr(item, "funcargs", {}).get("subject")
+    if (item.config.getoption("--mutate") and subject is not None
+            and item.get_closest_marker("claim") is not None):
+        from mechtests.mutate import MutationError, run_test
+        from mechtests.report import PREFIX
+
+        cache = item.config.stash.setdefault(_MUTANTS, {})
+        try:
+            entry = run_test(item, subject, cache)
+        except MutationError as exc:
+            entry = {"error": f"{item.nodeid}: {exc}"}
+        item.user_properties.append((PREFIX + "mutation", entry))
+    return result
