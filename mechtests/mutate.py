@@ -179,22 +179,35 @@ def perturb_unnamed(named: Sequence[str]) -> Callable[[dict, Any], None]:
     return edit
 
 
+def _all(edits: list[Callable[[dict, Any], None]]) -> Callable[[dict, Any], None]:
+    def edit(sd: dict[str, torch.Tensor], cfg: Any) -> None:
+        for e in edits:
+            e(sd, cfg)
+    return edit
+
+
 def mutants(components: Sequence[str], breaks: Sequence[str], index_free: bool,
-            n_layers: int, n_heads: int) -> list[Mutant]:
+            n_layers: int, n_heads: int, together: bool = False) -> list[Mutant]:
     """The mutants a claim naming ``components`` is run on (see the module docstring)."""
     for c in components:
         parse(c, n_layers, n_heads)
     names_heads = any(_HEAD.match(c) for c in components)
     out = []
-    if n_heads > 1:
+    if n_heads > 1 and n_layers > 0:
         out.append(Mutant("relabel", "same" if index_free or not names_heads else "fail",
                           relabel))
-    for c in components:
-        kind = parse(c, n_layers, n_heads)[0]
-        if kind in ("head", "attn") and "qk" in breaks:
-            out.append(Mutant(f"QK {c}", "fail", break_qk(c)))
-        if "ov" in breaks or kind in ("mlp", "embed"):
-            out.append(Mutant(f"OV {c}", "fail", break_ov(c)))
+    qk = [c for c in components if parse(c, n_layers, n_heads)[0] in ("head", "attn")
+          and "qk" in breaks]
+    ov = [c for c in components if "ov" in breaks
+          or parse(c, n_layers, n_heads)[0] in ("mlp", "embed")]
+    if together:  # a claim about the set: break the whole set at once
+        if qk:
+            out.append(Mutant(f"QK {'+'.join(qk)}", "fail", _all([break_qk(c) for c in qk])))
+        if ov:
+            out.append(Mutant(f"OV {'+'.join(ov)}", "fail", _all([break_ov(c) for c in ov])))
+    else:
+        out += [Mutant(f"QK {c}", "fail", break_qk(c)) for c in qk]
+        out += [Mutant(f"OV {c}", "fail", break_ov(c)) for c in ov]
     if components and n_layers > 0:
         out.append(Mutant("unnamed", "hold", perturb_unnamed(components)))
     out.append(Mutant("noise", "hold", noise_all))
@@ -268,7 +281,7 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
     cfg = subject.model.cfg
     original = [m for k, m in item.user_properties if k == PREFIX + "measured"]
     muts = mutants(named["components"], named["breaks"], named["index_free"],
-                   cfg.n_layers, cfg.n_heads)
+                   cfg.n_layers, cfg.n_heads, named.get("together", False))
     seed = item.config.getoption("--seed")
     matrix: dict[str, dict[str, Any]] = {}
     saved = dict(item.funcargs)

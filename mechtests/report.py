@@ -72,15 +72,17 @@ class Record:
         return held
 
     def components(self, names: Any, breaks: tuple[str, ...] = ("qk", "ov"),
-                   index_free: bool = False) -> None:
+                   index_free: bool = False, together: bool = False) -> None:
         """Name the components whose mechanism the claim asserts (``"L.H"``, ``"attn_L"``,
         ``"mlp_L"``, ``"embed"``), for ``--mutate``: each is broken in turn (its attention,
         ``"qk"``, and its output, ``"ov"``, as listed in ``breaks``) and the claim must fail.
         ``index_free``: the claim finds its heads itself rather than naming them by index, so a
-        renumbering of the heads must leave its values unchanged."""
+        renumbering of the heads must leave its values unchanged. ``together``: the claim is
+        about the set (some head does X), so the set is broken at once, not one at a time."""
         names = [str(n) for n in ([names] if isinstance(names, str) else names)]
         self._node.user_properties.append((PREFIX + "components", {
-            "components": names, "breaks": list(breaks), "index_free": bool(index_free)}))
+            "components": names, "breaks": list(breaks), "index_free": bool(index_free),
+            "together": bool(together)}))
 
     def check(self, value: Any, threshold: float, op: str = ">=", what: str = "") -> None:
         """``measured``, then fail the test with the numbers if it does not hold."""
