@@ -49,7 +49,11 @@ SUBJECTS = list(REFS)
 @pytest.mark.claim(id="ioi.logit_lens", source=SOURCE, subjects=SUBJECTS)
 def test_answer_appears_only_from_the_published_layer(subject, record, pin):
     ref, fam = measured_on("ioi", subject, REFS, "ABBA", record)
-    record.components(writers(ref))
+    # a claim about which layer writes the answer, not about where its heads look: its break
+    # is the layers' output. (--mutate: with layer 3's attention made uniform the answer is
+    # still written there, +0.3 of the final; the organism's 3.3 reads the object word, not a
+    # name, FINDINGS.md)
+    record.components(writers(ref), breaks=("ov",))
     lens = logit_lens(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
     record.heatmap(lens, title="logit lens: accumulated residual -> logit diff")
     labels = lens.labels["layer"]
