@@ -224,11 +224,15 @@ def build_mutant(model: Any, mutant: Mutant) -> Any:
     if spec is None:
         raise MutationError("the model was not loaded by mechtests (no checkpoint path): "
                             "mutants are built from the checkpoint a claim ran on")
-    cfg = GPT2Config.from_pretrained(spec.path)
-    if cfg.model_type != "gpt2":
+    import json
+
+    kind = json.loads((spec.path / "config.json").read_text()).get("model_type")
+    if kind != "gpt2":
         raise MutationError(
-            f"model {spec.spec!r} is a {cfg.model_type!r} checkpoint: mutants can be built for "
-            f"GPT-2-architecture checkpoints only (config.json model_type 'gpt2')")
+            f"model {spec.spec!r} is a {kind!r} checkpoint: mutants can be built for "
+            f"GPT-2-architecture checkpoints only (config.json model_type 'gpt2'); its claims "
+            f"ran as usual, without a kill matrix")
+    cfg = GPT2Config.from_pretrained(spec.path)
     hf = GPT2LMHeadModel.from_pretrained(spec.path, use_safetensors=True)
     param = next(model.parameters())
     with torch.no_grad():
@@ -289,7 +293,13 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
         for mut in muts:
             key = (subject.spec, mut.name, tuple(named["components"]))
             if key not in cache:
-                cache[key] = build_mutant(subject.model, mut)
+                try:
+                    cache[key] = build_mutant(subject.model, mut)
+                except MutationError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - name the mutant and the cause
+                    raise MutationError(f"mutant {mut.name!r} of {subject.spec!r} could not be "
+                                        f"built: {type(exc).__name__}: {exc}") from exc
             node = SimpleNamespace(user_properties=[])
             item.funcargs["subject"] = Subject(subject.spec, subject.name, cache[key])
             if "record" in item.funcargs:
