@@ -85,7 +85,8 @@ def test_one_attention_layer_writes_the_answer(subject, record, pin):
     record.heatmap(dla, title="direct logit attribution by layer")
     k = len(ref.top_components)
     holds_set([c for c, _ in dla.top_k(k)], ref.top_components, "largest layer attributions",
-              "the top writers by direct logit attribution (GPT-2: attn_9 +4.565, next under +1; organism: FINDINGS.md)", record, top=dla.top_k(k + 2))
+              "the top writers by direct logit attribution (GPT-2: attn_9 +4.565, by far the "
+              "largest; organism: FINDINGS.md)", record, top=dla.top_k(k + 2))
     if ref.most_negative:
         holds_set([dla.top_k(1, largest=False)[0][0]], [ref.most_negative],
                   "most negative layer attribution",

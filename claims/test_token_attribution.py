@@ -16,8 +16,8 @@ import torch
 
 from claims.families import _organism, family
 from mechtests.claims import effect_size, holds, reference
-from mechtests.organisms import language as lang
 from mechtests.engine import engine_for
+from mechtests.organisms import language as lang
 from mechtests.patching import sweep
 
 STORY = {  # task, family kind -> the named positions that carry the answer

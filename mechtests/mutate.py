@@ -60,7 +60,7 @@ class Mutant:
 
 # -- components ------------------------------------------------------------------------------------
 def parse(component: str, n_layers: int, n_heads: int) -> tuple[str, int, int | None]:
-    """``("head", L, H)``, ``("attn", L, None)``, ``("mlp", L, None)`` or ``("embed", -1, None)``."""
+    """``("head", L, H)``, ``("attn"|"mlp", L, None)`` or ``("embed", -1, None)``."""
     if component == "embed":
         return "embed", -1, None
     m = _HEAD.match(component)
@@ -118,7 +118,7 @@ def break_ov(component: str) -> Callable[[dict, Any], None]:
 
 def relabel(sd: dict[str, torch.Tensor], cfg: Any) -> None:
     """Rotate heads within every layer: new head j is old head j-1 (function-preserving)."""
-    H, dh = cfg.n_head, cfg.n_embd // cfg.n_head
+    H = cfg.n_head
     src = [(j - 1) % H for j in range(H)]
     for layer in range(cfg.n_layer):
         p = f"transformer.h.{layer}.attn"
@@ -348,7 +348,7 @@ def verdict(matrix: dict[str, dict[str, Any]]) -> str:
     if m["outcome"] == "error":
         return f"error under {name}"
     if m["expected"] == "fail":
-        return (f"cannot fail when heads are renumbered" if name == "relabel"
+        return ("cannot fail when heads are renumbered" if name == "relabel"
                 else f"cannot fail when {name} breaks")
     if m["expected"] == "same":
         return "index-dependent under relabel" if m["outcome"] == "held" else \

@@ -155,7 +155,7 @@ def pin(request: pytest.FixtureRequest, heatmap_snapshot: Any):
     return check
 
 
-# -- outcomes: error, inconclusive and model-absent skips kept apart --------------------------------
+# -- outcomes: error, inconclusive and model-absent skips kept apart ----------------------------
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     """A claim's crash (any exception but its assertion) is an *error*, a bug and not a finding;
@@ -192,7 +192,7 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -
     return None
 
 
-# -- --mutate ---------------------------------------------------------------------------------------
+# -- --mutate ------------------------------------------------------------------------------------
 _MUTANTS = pytest.StashKey[dict]()
 
 
