@@ -192,7 +192,7 @@ def test_some_head_does_induction(subject, record):
     model = subject.model
     holds(model.cfg.n_layers, ">=", 2, "layers in the model",
           "induction needs a head after the first layer to read what an earlier one wrote",
-          record)
+          record, kind="sanity")
     specials = model.tokenizer.all_special_ids
     vocab = (max(specials, default=-1) + 1, min(model.cfg.d_vocab, 20000))
     n = min(10, (model.cfg.n_ctx - 1) // 2)
