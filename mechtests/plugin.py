@@ -199,12 +199,22 @@ _MUTANTS = pytest.StashKey[dict]()
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
     """Under ``--mutate``, a claim test that held is re-run on its subject's mutants."""
-    result = yield
+    from mechtests.report import PREFIX
+
     subject = getattr(item, "funcargs", {}).get("subject")
-    if (item.config.getoption("--mutate") and subject is not None
-            and item.get_closest_marker("claim") is not None):
+    mutating = (item.config.getoption("--mutate") and subject is not None
+                and item.get_closest_marker("claim") is not None)
+    try:
+        result = yield
+    except pytest.skip.Exception:
+        raise
+    except BaseException:
+        if mutating:  # mutants say nothing about a claim that does not hold on its subject
+            item.user_properties.append((PREFIX + "mutation", {
+                "error": f"{item.nodeid}: the claim did not hold on its subject"}))
+        raise
+    if mutating:
         from mechtests.mutate import MutationError, run_test
-        from mechtests.report import PREFIX
 
         cache = item.config.stash.setdefault(_MUTANTS, {})
         try:

@@ -92,6 +92,11 @@ def test_always(subject, record):
 @pytest.mark.claim(id="nameless", source="test", subjects=["tiny"])
 def test_nameless(subject, record):
     record.measured(1.0, 0.5, ">=", "a constant")
+
+@pytest.mark.claim(id="broken", source="test", subjects=["tiny"])
+def test_broken(subject, record):
+    record.components(["1.0"])
+    assert False, "does not hold"
 """
 
 
@@ -99,8 +104,9 @@ def test_mutate_reports_kill_matrix_and_bad_input(pytester, tiny_model_dir):
     pytester.makepyfile(CLAIMS)
     res = pytester.runpytest("--model", str(tiny_model_dir), "--mutate",
                              "--report-dir", "out", "-p", "no:cacheprovider")
-    res.assert_outcomes(passed=2)
+    res.assert_outcomes(passed=2, failed=1)
     out = res.stdout.str()
+    assert "broken: not run:" in out and "did not hold on its subject" in out
     assert "always [1.0]: cannot fail when heads are renumbered" in out
     assert "nameless: not run:" in out and "names no components" in out
     assert "record.components" in out and "Traceback" not in out
