@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from mechtests import families as gpt2
-from mechtests.claims import reference
+from mechtests.claims import effect_size, reference
 from mechtests.organisms import language as lang
 from mechtests.organisms.analysis import EVAL_SEED
 from mechtests.prompts import PromptFamily
@@ -23,9 +23,9 @@ N = 8  # prompts per template in a generated organism family
 
 
 def _organism(name: str, generate: Callable[..., list[dict]], templates: tuple[int, ...],
-              **kw) -> PromptFamily:
+              n: int = N, **kw) -> PromptFamily:
     items = [d for t in templates
-             for d in generate(N, seed=EVAL_SEED + t, template=t, split="train", **kw)]
+             for d in generate(n, seed=EVAL_SEED + t, template=t, split="train", **kw)]
     return lang.as_family(name, items)
 
 
@@ -71,8 +71,23 @@ def family(task: str, reference: str, kind: str) -> PromptFamily:
     return mine[kind]()
 
 
-def measured_on(task: str, subject, refs: dict, kind: str):
+def measured_on(task: str, subject, refs: dict, kind: str, record=None, guard: bool = True):
     """``(expectations, tokenized family)``: what ``refs`` expects of ``subject`` (see
-    ``mechtests.claims.reference``) and the ``kind`` family of ``task`` written for it."""
+    ``mechtests.claims.reference``) and the ``kind`` family of ``task`` written for it.
+
+    ``guard`` (every mechanism claim): the effect-size guard. The family's metric must differ
+    between its clean and corrupted prompts by at least a logit, else the claim is
+    *inconclusive*: patching restorations, knockout fractions and attributions of a model that
+    does not tell clean from corrupted mean nothing. A behaviour claim measuring that very
+    difference passes ``guard=False``."""
     name, ref = reference(subject, refs)
-    return ref, family(task, name, kind).tokenize(subject.model)
+    fam = family(task, name, kind).tokenize(subject.model)
+    if guard:
+        from mechtests.engine import engine_for
+
+        engine = engine_for(subject.model)
+        metric = fam.logit_diff()
+        clean = float(metric(engine.run(fam.clean, logits_at=-1)[0]).mean())
+        corrupted = float(metric(engine.run(fam.corrupted, logits_at=-1)[0]).mean())
+        effect_size(clean, corrupted, f"{task} family {kind!r}, mean logit diff", record)
+    return ref, fam

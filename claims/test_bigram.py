@@ -22,6 +22,7 @@ REFS = {"bigram": None}
 @pytest.mark.claim(id="bigram.table", source=SOURCE, subjects=["bigram"])
 def test_embedding_times_unembedding_is_the_bigram_table(subject, record, pin):
     reference(subject, REFS)
+    record.components(["embed"])  # the direct path W_E @ W_U (tied: the same matrix)
     model = subject.model
     table = bigram_table().float()  # rows: current word, columns: next word (vocab order)
     resid = model.W_E + model.W_pos[0]

@@ -7,6 +7,15 @@ patching its pattern. No public reproduction was found (shared/published-values.
 thresholds are this suite's own hypothesis. Metric: logit(contracted) - logit(full form) at the
 last position; corrupted prompts write the earlier verb in full. The organism's head is the one
 its own analysis found (FINDINGS.md).
+
+The organism's claim is about its family as written: templates 0 and 2 of the contraction
+language, taken together. Which of its heads moves the style depends on where the cue sits:
+with the cue late (template 2, "at the PLACE P1 V1 ..."), 0.3 is top by both measures (DLA 1.49,
+patching 0.55); with the cue at position 2 (template 0, "P1 V1 ADJ at ..."), 1.3 is top by
+direct logit attribution (0.96, 0.3 not in the top 3) and 0.0, a layer-0 head that reads the cue
+by position, by patching (0.35, 0.3 next at 0.28). FINDINGS.md's template-0 analysis names 3.2
+and 0.0 for that reason. So "0.3 is the contraction mover" is a claim about this mixed family,
+not about every contraction prompt (tests/test_claims_break.py checks template 0 alone).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ KINDS = kinds("contraction")
 @pytest.mark.claim(id="contraction.top_head", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin):
-    head, fam = measured_on("contraction", subject, REFS, kind)
+    head, fam = measured_on("contraction", subject, REFS, kind, record)
+    record.components([head])
     dla = head_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
     patched = sweep(engine_for(subject.model), "z", fam.clean, fam.corrupted, fam.logit_diff(),
                     by=("layer", "head"))
@@ -38,10 +48,11 @@ def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin)
     for r, title in ((dla, "direct logit attribution"), (patched, "head output patching")):
         record.heatmap(r, title=f"{title} ({kind})")
     holds_set([dla.top_k(1)[0][0]], [head], "top head by direct logit attribution",
-              "the mover writes the contracted form", record, top=dla.top_k(3))
+              "the mover writes the contracted form (on this family: templates 0 and 2)", record,
+              top=dla.top_k(3))
     holds_set([patched.top_k(1)[0][0]], [head], "top head by output patching",
-              "restoring that one head's output restores the style", record,
-              top=patched.top_k(3))
+              "restoring that one head's output restores the style more than any other head's "
+              "(on this family: templates 0 and 2)", record, top=patched.top_k(3))
     pin(dla, "head_dla")
     pin(patched, "head_patching")
 
@@ -49,7 +60,8 @@ def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin)
 @pytest.mark.claim(id="contraction.attention", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_mover_attends_from_pronoun_to_contraction(subject, kind, record):
-    head, fam = measured_on("contraction", subject, REFS, kind)
+    head, fam = measured_on("contraction", subject, REFS, kind, record)
+    record.components([head], breaks=("qk",))  # a claim about where the head looks
     layer, h = (int(x) for x in head.split("."))
     end = fam.positions["END"]
     att = attention_between(subject.model, fam.clean, end, fam.positions["V1"])
@@ -64,15 +76,28 @@ def test_mover_attends_from_pronoun_to_contraction(subject, kind, record):
 @pytest.mark.claim(id="contraction.values_not_pattern", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_value_patching_restores_more_than_pattern(subject, kind, record):
-    head, fam = measured_on("contraction", subject, REFS, kind)
-    layer, h = (int(x) for x in head.split("."))
+    """Of all heads, the mover is the one whose values restore the most beyond its pattern.
+
+    Against 0 this asserted almost nothing: on the organism 11 of 16 heads have value minus
+    pattern restoration > 0. Against the other heads it singles the mover out (organism: 0.3
+    0.41, next 0.2 at 0.23)."""
+    head, fam = measured_on("contraction", subject, REFS, kind, record)
+    record.components([head])
     engine = engine_for(subject.model)
     out = {}
     for site in ("v", "pattern"):
-        r = sweep(engine, site, fam.clean, fam.corrupted, fam.logit_diff(),
-                  by=("layer", "head"), layers=[layer], heads=[h])
-        out[site] = r.normalized(r.meta["clean"], r.meta["corrupted"]).values.reshape(-1)[0]
-    holds(float(out["v"] - out["pattern"]), ">", 0.0,
-          f"value minus pattern restoration of {head}",
-          "what it moves (the value) differs between clean and corrupted, where it looks does "
-          "not", record, value=float(out["v"]), pattern=float(out["pattern"]))
+        r = sweep(engine, site, fam.clean, fam.corrupted, fam.logit_diff(), by=("layer", "head"))
+        out[site] = r.normalized(r.meta["clean"], r.meta["corrupted"])
+    diff = out["v"].values - out["pattern"].values  # [layer, head]
+    layer, h = (int(x) for x in head.split("."))
+    mine = float(diff[layer, h])
+    others = diff.clone()
+    others[layer, h] = float("-inf")
+    best = int(others.flatten().argmax())
+    rival = f"{best // diff.shape[1]}.{best % diff.shape[1]}"
+    holds(mine - float(others.flatten()[best]), ">", 0.0,
+          f"value minus pattern restoration of {head}, minus the best other head's ({rival})",
+          "what the mover moves (its value) differs between clean and corrupted, where it looks "
+          "does not; no other head's value carries the style as much", record,
+          value=float(out["v"].values[layer, h]), pattern=float(out["pattern"].values[layer, h]),
+          rival=float(others.flatten()[best]))

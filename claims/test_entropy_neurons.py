@@ -24,6 +24,7 @@ SUBJECTS = list(REFS)
 @pytest.mark.claim(id="entropy.weights", source=SOURCE, subjects=SUBJECTS)
 def test_large_norm_written_into_the_null_space(subject, record):
     _, (layer, neurons) = reference(subject, REFS)
+    record.components([f"mlp_{layer}"], breaks=("ov",))
     norms = neuron_output_norms(subject.model).values[layer]
     null = unembed_null_fraction(subject.model).values[layer]
     idx = torch.tensor(neurons)
@@ -37,7 +38,8 @@ def test_large_norm_written_into_the_null_space(subject, record):
 
 @pytest.mark.claim(id="entropy.ablation", source=SOURCE, subjects=SUBJECTS)
 def test_ablation_changes_entropy_more_than_the_top_logit(subject, record):
-    (layer, neurons), fam = measured_on("ioi", subject, REFS, "ABBA")
+    (layer, neurons), fam = measured_on("ioi", subject, REFS, "ABBA", record)
+    record.components([f"mlp_{layer}"], breaks=("ov",))
     eff = neuron_ablation_effect(subject.model, fam.clean, layer, list(neurons), how="mean")
     record.heatmap(eff, title="mean-ablation effect: entropy and top logit")
     # both in natural units: nats of entropy against logits of the top token, relative to the

@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from claims.families import family
-from mechtests.claims import holds, reference
+from claims.families import _organism, family
+from mechtests.claims import effect_size, holds, reference
 from mechtests.engine import engine_for
+from mechtests.organisms import language as lang
 from mechtests.patching import sweep
 
 STORY = {  # task, family kind -> the named positions that carry the answer
@@ -29,6 +30,14 @@ STORY = {  # task, family kind -> the named positions that carry the answer
 # (62% and 69% of story positions in the top ranks, FINDINGS.md), so only its name recall is
 # claimed here.
 REFS = {"gpt2": set(STORY), "multitask": {("recall", "michelle")}}
+# What carries each story (for --mutate); nothing is named for GPT-2's stories. The organism's
+# layer-0 attention reads the surname into the last position (0.0 most: attention 0.91, with
+# backup in its layer: see claims/test_resid_patching.py).
+MOVERS = {"multitask": {("recall", "michelle"): ("attn_0",)}}
+# The organism's recall family, 64 prompts: on the shared 8-prompt family 7 of 8 prompts cleared
+# the 0.8 bar, so one prompt decided the verdict; here one prompt is 1/64 of the share.
+LARGER = {("multitask", "recall", "michelle"): lambda: _organism(
+    "recall_single", lang.recall_prompts, (0,), n=64)}
 SOURCE = "activation patching by position (Meng et al. 2022; Wang et al. 2022)"
 
 
@@ -43,14 +52,23 @@ def random_tokens_like(tokens: torch.Tensor, vocab: int, seed: int = 0) -> torch
 def test_story_positions_carry_the_answer(subject, task, kind, record, pin):
     name, stories = reference(subject, REFS)
     if (task, kind) not in stories:
-        pytest.skip(f"the {task} story is not claimed for {name} (see REFS)")
-    fam = family(task, name, kind)
+        pytest.skip(f"token_attribution: the {task} story is not claimed for {name}: its "
+                    f"circuit also reads template words, which rank with the story's own "
+                    f"(FINDINGS.md)")
+    fam = LARGER.get((name, task, kind), lambda: family(task, name, kind))()
+    movers = MOVERS.get(name, {}).get((task, kind))
+    if movers:
+        record.components(list(movers))
     tf = fam.tokenize(subject.model)
     noise = random_tokens_like(tf.clean, min(subject.model.cfg.d_vocab, 20000))
     if fam.prepend_bos:
         noise[:, 0] = tf.clean[:, 0]
     res = sweep(engine_for(subject.model), "resid_pre", tf.clean, noise, tf.logit_diff(),
                 by=("layer", "pos"), layers=[0], direction="noise")
+    # guard: randomising the whole prompt must cost the answer at least a logit, else ranking
+    # positions by what randomising one costs ranks noise
+    effect_size(res.meta["clean"], res.meta["corrupted"],
+                "logit diff, clean prompts minus fully randomised ones", record)
     drop = torch.tensor(res.meta["clean_per_prompt"])[:, None] - res.per_prompt[:, 0]  # [n, T]
     record.heatmap(res, title=f"logit diff with one position's token randomised ({task})")
     story = STORY[(task, kind)]
@@ -60,6 +78,7 @@ def test_story_positions_carry_the_answer(subject, task, kind, record, pin):
     hit = torch.stack([(top == tf.positions[n][:, None]).any(-1) for n in story], -1).float()
     holds(float(hit.mean()), ">=", 0.8,
           f"share of story positions {list(story)} among each prompt's top {k} by metric drop",
-          "the claim's story tokens carry the answer, for the large majority of prompts",
+          "the claim's story tokens carry the answer, for the large majority (4 in 5) of "
+          "prompts",
           record, first_prompt_top=[tf.pos_labels[i] for i in top[0].tolist()])
     pin(res, "position_noising")

@@ -45,17 +45,45 @@ def reference(subject: Any, refs: Mapping[str, T]) -> tuple[str, T]:
         if reference_shape(name) == shape:
             return name, exp
     about = "; ".join(f"{n}: {_describe(reference_shape(n))}" for n in refs)
-    pytest.skip(f"claim is about component indices of {about}; this checkpoint is a "
-                f"{_describe(shape)}")
+    pytest.skip(f"no reference of this checkpoint's shape: the claim names components of "
+                f"{about}; this checkpoint is a {_describe(shape)}")
+
+
+class Inconclusive(Exception):
+    """The effect a claim measures is too small to judge: neither held nor failed.
+
+    Raised by ``effect_size`` (the guard every claim with a clean/corrupted contrast calls
+    before its measurements); the plugin reports it as its own outcome, *inconclusive*."""
+
+
+MIN_EFFECT = 1.0  # logits (or nats): clean and corrupted must differ by this much
+
+
+def effect_size(clean: float, corrupted: float, what: str, record: Any = None,
+                minimum: float = MIN_EFFECT,
+                why: str = "below that, the clean and corrupted runs are too alike for a "
+                           "restoration or a knockout fraction to mean anything") -> float:
+    """Guard: ``clean - corrupted >= minimum``, else ``Inconclusive`` (never held). Recorded as
+    a sanity check, not as evidence. Returns the gap."""
+    __tracebackhide__ = True
+    gap = float(clean) - float(corrupted)
+    if record is not None:
+        record.measured(gap, minimum, ">=", f"effect size: {what}", kind="sanity")
+    if not gap >= minimum:
+        raise Inconclusive(f"effect size {what}: clean {float(clean):.4g} vs corrupted "
+                           f"{float(corrupted):.4g}, gap {gap:.4g} < {minimum:.4g} ({why})")
+    return gap
 
 
 def holds(measured: float, op: str, threshold: float, what: str, why: str,
-          record: Any = None, **context: Any) -> None:
+          record: Any = None, kind: str = "evidence", **context: Any) -> None:
     """Assert ``measured op threshold``; the failure message says what was measured, against
-    which threshold and why that threshold, plus any context (expected vs found components)."""
+    which threshold and why that threshold, plus any context (expected vs found components).
+    ``kind="sanity"`` for a check that holds by construction (reported as such)."""
+    __tracebackhide__ = True
     ok = OPS[op](measured, threshold)
     if record is not None:
-        record.measured(measured, threshold, op, what)
+        record.measured(measured, threshold, op, what, kind=kind)
     if not ok:
         extra = "".join(f"\n  {k}: {_fmt(v)}" for k, v in context.items())
         raise AssertionError(
@@ -66,6 +94,7 @@ def holds(measured: float, op: str, threshold: float, what: str, why: str,
 def holds_set(found: Sequence[str], expected: Sequence[str], what: str, why: str,
               record: Any = None, **context: Any) -> None:
     """Assert that every expected component is among those found (e.g. the top-k heads)."""
+    __tracebackhide__ = True
     missing = [c for c in expected if c not in found]
     if record is not None:
         record.measured(len(expected) - len(missing), len(expected), ">=",

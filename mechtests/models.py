@@ -103,9 +103,9 @@ def organisms() -> list[str]:
 def _from_hub_cache(name: str) -> Path:
     """The local snapshot directory of a hub model, or ``ModelUnavailable`` (never downloads)."""
     how = (
-        f"Make it available with `huggingface-cli download {name}` on a machine with internet "
-        f"access (it fills the Hugging Face cache, ~/.cache/huggingface), or pass a local "
-        f"directory holding its config.json, model.safetensors and tokenizer files: "
+        f"Make it available with `hf download {name}` (huggingface_hub's CLI) on a machine "
+        f"with internet access (it fills the Hugging Face cache, ~/.cache/huggingface), or "
+        f"pass a local directory holding its config.json, model.safetensors and tokenizer files: "
         f"--model /path/to/{name.split('/')[-1]}"
     )
     try:

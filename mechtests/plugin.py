@@ -54,6 +54,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="a --model that is not on this machine (a hub name not in the local "
                          "cache, a directory that does not exist) skips its claims instead of "
                          "stopping the run")
+    group.addoption("--mutate", action="store_true", default=False,
+                    help="mutation-test every claim that holds: re-run it on mutants of its "
+                         "subject (heads renumbered, the named components' attention or output "
+                         "broken, unnamed components and all weights perturbed) and report a "
+                         "kill matrix and a verdict per claim")
 
 
 def _seed(text: str) -> int:
@@ -114,8 +119,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "claim(id, source, subjects=None): a research claim; id names it in reports, source cites "
-        "the paper or notebook, subjects lists the reference models it is written for",
+        "claim(id, source, subjects=None, kind='mechanism'): a research claim; id names it in "
+        "reports, source cites the paper or notebook, subjects lists the reference models it is "
+        "written for; kind='behaviour' for a claim about what the model does, naming no "
+        "component",
     )
 
 
@@ -149,6 +156,20 @@ class Subject:
     def shape(self) -> str:
         return describe(self.model)
 
+    def __repr__(self) -> str:  # failures show this, never the model's module tree
+        try:
+            return f"Subject({self.spec!r}: {self.shape})"
+        except Exception:  # noqa: BLE001 - a repr must not raise
+            return f"Subject({self.spec!r})"
+
+
+class ModelSkipped(pytest.skip.Exception):  # type: ignore[name-defined,misc]
+    """A skip because a model's weights are not on this machine (reported once per model)."""
+
+    def __init__(self, spec: str, message: str):
+        super().__init__(message)
+        self.spec, self.message = spec, message
+
 
 @pytest.fixture(scope="session")
 def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
@@ -176,7 +197,7 @@ def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
             pytest.fail(str(loaded[spec]), pytrace=False)  # the message says it all
         got = loaded[spec]
         if isinstance(got, ModelUnavailable):
-            pytest.skip(str(got))
+            raise ModelSkipped(spec, str(got))
         if isinstance(got, Exception):
             line = (str(got).strip().splitlines() or [type(got).__name__])[0]
             pytest.fail(f"model {spec!r} could not be loaded (in full at {first[spec]}): "
@@ -222,3 +243,73 @@ def pin(request: pytest.FixtureRequest, heatmap_snapshot: Any):
             assert_heatmap(heatmap_snapshot, result, name=name, atol=atol)
 
     return check
+
+
+# -- outcomes: error, inconclusive and model-absent skips kept apart ----------------------------
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A claim's crash (any exception but its assertion) is an *error*, a bug and not a finding;
+    ``Inconclusive`` (the effect-size guard) is its own outcome; a model whose weights are
+    absent is one grouped skip with the how-to, not one per test."""
+    from mechtests.claims import Inconclusive
+
+    report = yield
+    exc = call.excinfo
+    if exc is None:
+        return report
+    if isinstance(exc.value, ModelSkipped):
+        report.longrepr = (f"model {exc.value.spec}", None, exc.value.message)
+        report.mechtests_unavailable = exc.value.message
+    elif item.get_closest_marker("claim") is None or call.when != "call":
+        return report
+    elif isinstance(exc.value, Inconclusive) and not hasattr(report, "wasxfail"):
+        path, line = item.reportinfo()[:2]
+        report.outcome = "skipped"
+        report.longrepr = (str(path), (line or 0) + 1, f"Inconclusive: {exc.value}")
+        report.mechtests_outcome = "inconclusive"
+    elif report.failed and not isinstance(exc.value, (AssertionError,
+                                                      pytest.fail.Exception)):
+        report.mechtests_outcome = "error"
+    return report
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
+    marked = getattr(report, "mechtests_outcome", None)
+    if report.when == "call" and marked == "inconclusive":
+        return "inconclusive", "i", ("INCONCLUSIVE", {"yellow": True})
+    if report.when == "call" and marked == "error":
+        return "error", "E", ("ERROR", {"red": True})
+    return None
+
+
+# -- --mutate ------------------------------------------------------------------------------------
+_MUTANTS = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """Under ``--mutate``, a claim test that held is re-run on its subject's mutants."""
+    from mechtests.report import PREFIX
+
+    subject = getattr(item, "funcargs", {}).get("subject")
+    mutating = (item.config.getoption("--mutate") and subject is not None
+                and item.get_closest_marker("claim") is not None)
+    try:
+        result = yield
+    except pytest.skip.Exception:
+        raise
+    except BaseException:
+        if mutating:  # mutants say nothing about a claim that does not hold on its subject
+            item.user_properties.append((PREFIX + "mutation", {
+                "error": f"{item.nodeid}: the claim did not hold on its subject"}))
+        raise
+    if mutating:
+        from mechtests.mutate import MutationError, run_test
+
+        cache = item.config.stash.setdefault(_MUTANTS, {})
+        try:
+            entry = run_test(item, subject, cache)
+        except MutationError as exc:
+            entry = {"error": f"{item.nodeid}: {exc}"}
+        item.user_properties.append((PREFIX + "mutation", entry))
+    return result

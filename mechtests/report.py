@@ -41,7 +41,11 @@ from mechtests.result import Result
 
 PREFIX = "mechtests."  # user_properties names this plugin owns
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-OUTCOMES = render.ORDER  # worst first: error, failed, xpassed, inconclusive, moved, held, ...
+# worst first: error (a crash: a bug, not a finding), failed (the claim's assertion), xpassed,
+# inconclusive (the effect too small to judge), moved (held on other components), held,
+# xfailed, skipped (with the true reason)
+OUTCOMES = render.ORDER
+KINDS = ("evidence", "sanity")  # a measurement is evidence for the claim, or a sanity check
 
 
 # -- what a test records ---------------------------------------------------------------------------
@@ -51,15 +55,34 @@ class Record:
     def __init__(self, node: pytest.Item):
         self._node = node
 
-    def measured(self, value: Any, threshold: float, op: str = ">=", what: str = "") -> bool:
-        """Record ``value op threshold`` (e.g. score >= 0.5) and return whether it holds."""
+    def measured(self, value: Any, threshold: float, op: str = ">=", what: str = "",
+                 kind: str = "evidence") -> bool:
+        """Record ``value op threshold`` (e.g. score >= 0.5) and return whether it holds.
+        ``kind``: ``"evidence"`` for the claim, or a ``"sanity"`` check that holds by
+        construction or guards the measurement (reported as such, never as evidence)."""
         if op not in OPS:
             raise ValueError(f"op must be one of {sorted(OPS)}, got {op!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         value, threshold = float(value), float(threshold)
         held = bool(OPS[op](value, threshold))
         self._node.user_properties.append((PREFIX + "measured", {
-            "what": what, "value": value, "threshold": threshold, "op": op, "held": held}))
+            "what": what, "value": value, "threshold": threshold, "op": op, "held": held,
+            "kind": kind}))
         return held
+
+    def components(self, names: Any, breaks: tuple[str, ...] = ("qk", "ov"),
+                   index_free: bool = False, together: bool = False) -> None:
+        """Name the components whose mechanism the claim asserts (``"L.H"``, ``"attn_L"``,
+        ``"mlp_L"``, ``"embed"``), for ``--mutate``: each is broken in turn (its attention,
+        ``"qk"``, and its output, ``"ov"``, as listed in ``breaks``) and the claim must fail.
+        ``index_free``: the claim finds its heads itself rather than naming them by index, so a
+        renumbering of the heads must leave its values unchanged. ``together``: the claim is
+        about the set (some head does X), so the set is broken at once, not one at a time."""
+        names = [str(n) for n in ([names] if isinstance(names, str) else names)]
+        self._node.user_properties.append((PREFIX + "components", {
+            "components": names, "breaks": list(breaks), "index_free": bool(index_free),
+            "together": bool(together)}))
 
     def check(self, value: Any, threshold: float, op: str = ">=", what: str = "") -> None:
         """``measured``, then fail the test with the numbers if it does not hold."""
@@ -111,18 +134,27 @@ class TestResult:
     subject: dict[str, Any] = field(default_factory=dict)
     measurements: list[dict[str, Any]] = field(default_factory=list)
     heatmaps: list[dict[str, Any]] = field(default_factory=list)
+    mutation: dict[str, Any] | None = None  # this test's kill matrix under --mutate
+    unavailable: str = ""  # the full how-to when the model's weights are not on this machine
 
     def summary(self) -> str:
-        """One line: what was measured against what, or why it failed or was skipped."""
-        if self.outcome in ("held", "failed", "xpassed", "xfailed") and self.measurements:
-            shown = [m for m in self.measurements if not m["held"]] or self.measurements
-            return "; ".join(_measure_text(m) for m in shown)
+        """One line: what was measured against what, or why it failed, errored, was
+        inconclusive or skipped. A test that failed or errored for a reason other than a
+        measurement (snapshot drift, an exception after the measurements) shows that reason,
+        never the measurements that held."""
+        failing = [m for m in self.measurements if not m["held"]]
+        if self.outcome in ("failed", "xfailed") and failing:
+            return "; ".join(_measure_text(m) for m in failing)
+        if self.outcome in ("held", "xpassed") and self.measurements:
+            shown = [m for m in self.measurements if m.get("kind", "evidence") == "evidence"]
+            return "; ".join(_measure_text(m) for m in shown or self.measurements)
         return self.reason
 
 
 def _measure_text(m: dict[str, Any]) -> str:
     what = f"{m['what']} " if m.get("what") else ""
-    return f"{what}{m['value']:.4g} (needs {m['op']} {m['threshold']:.4g})"
+    sanity = " [sanity check]" if m.get("kind") == "sanity" else ""
+    return f"{what}{m['value']:.4g} (needs {m['op']} {m['threshold']:.4g}){sanity}"
 
 
 def _phase_reason(report: pytest.TestReport) -> str:
@@ -138,6 +170,9 @@ def _phase_reason(report: pytest.TestReport) -> str:
 
 
 def _update(res: TestResult, report: pytest.TestReport) -> None:
+    """Fold one phase's report into the test's outcome: held, failed (the claim's assertion),
+    error (any other exception, or a setup/teardown failure), inconclusive (the effect-size
+    guard), skipped (with its reason); xfailed/xpassed as pytest has them."""
     res.duration += float(getattr(report, "duration", 0.0) or 0.0)
     props = [(k, v) for k, v in report.user_properties if str(k).startswith(PREFIX)]
     res.measurements = [v for k, v in props if k == PREFIX + "measured"]
@@ -145,22 +180,33 @@ def _update(res: TestResult, report: pytest.TestReport) -> None:
     for k, v in props:
         if k == PREFIX + "subject":
             res.subject = v
+        if k == PREFIX + "mutation":
+            res.mutation = v
+    marked = getattr(report, "mechtests_outcome", None)  # set by the plugin's makereport
+    if getattr(report, "mechtests_unavailable", None):
+        res.unavailable = str(report.mechtests_unavailable)
     if report.when == "setup":
         if report.failed:
             res.outcome, res.reason = "error", "setup: " + _phase_reason(report)
         elif report.skipped:
             xfail = hasattr(report, "wasxfail")
             res.outcome, res.reason = ("xfailed" if xfail else "skipped"), _phase_reason(report)
+            if res.unavailable:  # the how-to is one note per model, not one per test
+                res.reason = "the model's weights are not on this machine (see the note)"
     elif report.when == "call":
         if report.passed:
             res.outcome = "xpassed" if hasattr(report, "wasxfail") else "held"
             res.reason = ""
         elif report.failed:
-            res.outcome, res.reason = "failed", _phase_reason(report)
+            res.outcome = "error" if marked == "error" else "failed"
+            res.reason = _phase_reason(report)
+        elif marked == "inconclusive":
+            res.outcome, res.reason = "inconclusive", _phase_reason(report).removeprefix(
+                "Inconclusive: ")
         else:
             xfail = hasattr(report, "wasxfail")
             res.outcome, res.reason = ("xfailed" if xfail else "skipped"), _phase_reason(report)
-    elif report.when == "teardown" and report.failed and res.outcome != "failed":
+    elif report.when == "teardown" and report.failed and res.outcome not in ("failed", "error"):
         res.outcome, res.reason = "error", "teardown: " + _phase_reason(report)
 
 
@@ -273,6 +319,9 @@ class ReportPlugin:
                 session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.results and not hasattr(self.config, "workerinput"):
+            for line in summary_lines(list(self.results.values())):
+                terminalreporter.write_line(line)
         if self.written is not None:
             terminalreporter.write_line(f"mechtests report: {self.written / 'report.html'} "
                                         "(and report.md, report.json)")
@@ -307,6 +356,32 @@ class ReportPlugin:
             "git_commit": _git_commit(Path(cfg.rootpath)),
             "platform": platform.platform(),
         }
+
+
+def summary_lines(results: list[TestResult]) -> list[str]:
+    """The claims' verdicts for the terminal: the five outcomes counted, why each error and
+    inconclusive, one line per model whose weights are absent, and ``--mutate``'s kill matrix."""
+    counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
+    out = ["", "mechtests claims: " + ", ".join(
+        f"{counts[o]} {o}" for o in ("held", "failed", "error", "inconclusive", "skipped")
+        + ("xfailed", "xpassed")[: 2 if counts["xfailed"] or counts["xpassed"] else 0])]
+    for r in results:
+        if r.outcome in ("error", "inconclusive"):
+            out.append(f"  {r.outcome.upper()} {r.nodeid}: {r.reason}")
+    for note in notes(results):
+        out.append(f"  model {note['model']}: {note['tests']} claim tests skipped. {note['note']}")
+    mut = mutation(results)
+    if mut:
+        out.append("mechtests --mutate: kill matrix (mutant: expected -> outcome; "
+                   "x = not what a discriminating claim does)")
+        for claim, m in mut.items():
+            comps = f" [{', '.join(m['components'])}]" if m.get("components") else ""
+            out.append(f"  {claim}{comps}: {m['verdict']}")
+            cells = [f"{name}: {c['expected']}->{c['outcome']}{'' if c['ok'] else ' x'}"
+                     for name, c in m["matrix"].items()]
+            if cells:
+                out.append("      " + "; ".join(cells))
+    return out
 
 
 def _versions() -> dict[str, str | None]:
@@ -364,7 +439,31 @@ def build(results: list[TestResult], settings: dict[str, Any]) -> dict[str, Any]
             cell["text"] = "; ".join(texts)
     counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
     return {"schema": 1, "settings": settings, "models": models, "counts": counts,
-            "claims": list(claims.values())}
+            "claims": list(claims.values()), "notes": notes(results),
+            "mutation": mutation(results)}
+
+
+def notes(results: list[TestResult]) -> list[dict[str, Any]]:
+    """One note per model whose weights are not on this machine (not one per test)."""
+    by_model: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r.unavailable:
+            note = by_model.setdefault(r.model or NO_MODEL, {
+                "model": r.model or NO_MODEL, "note": r.unavailable, "tests": 0})
+            note["tests"] += 1
+    return list(by_model.values())
+
+
+def mutation(results: list[TestResult]) -> dict[str, Any]:
+    """``--mutate``'s result per claim id: verdict, components and kill matrix (each mutant:
+    expected "fail" | "hold" | "same", the outcome, ok), merged over the claim's tests."""
+    from mechtests.mutate import merge
+
+    by_claim: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(results, key=lambda r: (r.claim, r.nodeid)):
+        if r.mutation is not None:
+            by_claim.setdefault(r.claim, []).append(r.mutation)
+    return {claim: merge(entries) for claim, entries in by_claim.items()}
 
 
 def _finite(obj: Any) -> Any:

@@ -34,7 +34,7 @@ def test_compat_mode_keeps_logits(tiny_model_dir):
 def test_missing_hub_model_names_model_and_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelUnavailable, match=r"'gpt2'.*huggingface-cli download gpt2"):
+    with pytest.raises(ModelUnavailable, match=r"'gpt2'.*hf download gpt2"):
         load_model("gpt2")
 
 

@@ -31,8 +31,11 @@ def test_missing_model_skips_once_with_how_to(pytester, offline):
     res = pytester.runpytest("-ra", "--strict-markers")
     res.assert_outcomes(skipped=4)
     out = res.stdout.str()
-    # one grouped skip line per test function, each naming the fix, and no traceback
-    assert out.count("huggingface-cli download gpt2") == 2
+    # one grouped skip line for the model (not one per test), naming the fix with the hub
+    # client's real command, and one line in mechtests' summary; no traceback
+    assert out.count("hf download gpt2") == 2 and "huggingface-cli" not in out
+    assert "SKIPPED [4] model gpt2:" in out
+    assert "model gpt2: 4 claim tests skipped." in out
     assert "Traceback" not in out
 
 
@@ -57,7 +60,7 @@ def test_missing_model_on_the_command_line_is_an_error_naming_the_opt_out(pytest
     res = pytester.runpytest("--model", str(tiny_model_dir), "--model", "gpt2")
     assert res.ret == pytest.ExitCode.USAGE_ERROR
     res.stderr.fnmatch_lines(["*model 'gpt2': weights are not on this machine*"
-                              "huggingface-cli download gpt2*--allow-missing-models*"])
+                              "hf download gpt2*--allow-missing-models*"])
     assert " passed" not in res.stdout.str()  # nothing ran
 
 
@@ -150,7 +153,7 @@ def test_cuda_without_gpu_is_a_usage_error_not_a_checkpoint_error(pytester, tiny
 
 def test_claim_marker_is_registered(pytester):
     res = pytester.runpytest("--markers")
-    res.stdout.fnmatch_lines(["*@pytest.mark.claim(id, source, subjects=None)*"])
+    res.stdout.fnmatch_lines(["*@pytest.mark.claim(id, source, subjects=None, kind=*"])
 
 
 def test_subject_without_subjects_is_a_usage_error(pytester):
