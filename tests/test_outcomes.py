@@ -72,8 +72,9 @@ def test_a_crash_is_an_error_everywhere(run):
     assert crash["outcome"] == "error"
     # the cell says why it errored, not the measurement that held before the crash
     assert "AttributeError" in crash["text"] and "score" not in crash["text"]
-    assert "| crash | error: AttributeError" in md
-    assert "<b>error</b>: AttributeError" in page
+    assert "| [crash](#crash) | ⚠ AttributeError |" in md
+    assert "⚠ **crash** on `model`: AttributeError" in md
+    assert "class='c error'" in page and "<b>AttributeError</b>" in page
     assert data["counts"]["error"] == 1 and data["counts"]["failed"] == 1
 
 
@@ -83,7 +84,8 @@ def test_inconclusive_is_never_held(run):
     assert small["outcome"] == "inconclusive" and "gap 0.2" in small["text"]
     test = small["tests"][0]
     assert test["measurements"][0]["kind"] == "sanity"
-    assert "| small | inconclusive:" in md
+    assert "| [small](#small) | ? 0.2 (≥ 1) |" in md
+    assert "? **small** on `model`: effect size" in md
     assert res.ret == 1  # the failed and the error; inconclusive alone does not fail a run
 
 
