@@ -1,8 +1,19 @@
-"""A fast, exact forward pass for GPT-2-architecture models, built for activation patching.
+"""A fast, exact forward pass for the transformer families researchers use, built for patching.
 
-``Engine(model)`` takes the processed (compatibility-mode) weights of a ``TransformerBridge``
-once and runs its own pure-torch, nanoGPT-style forward. It reproduces the bridge's logits and
-hooks (to ~1e-6), and adds what patching needs and TransformerLens does not have:
+``Engine(model)`` takes the weights of a ``TransformerBridge`` once and runs its own pure-torch,
+nanoGPT-style forward. GPT-2 (and pre-LayerNorm OPT) read the bridge's processed
+(compatibility-mode) weights; GPT-NeoX/Pythia, GPT-J, Llama, Qwen2 and Qwen3 read the Hugging
+Face model's own weights with every norm's weight folded into the matrix that follows it (TL's
+``fold_ln``). What varies between families is a handful of switches, read once in
+``_hf_weights``: LayerNorm or RMSNorm, learned positions or rotary (full, partial, interleaved),
+gated MLP, grouped-query attention, parallel attention + MLP, q/k norm. Anything else is refused
+(:class:`UnsupportedArchitecture`) with what the model has and what the engine lacks. The engine
+checks itself against the Hugging Face model's logits when it is built.
+
+Hook names and shapes are TransformerLens's: ``hook_q`` is the query before rotary (after the
+q norm, when the model has one), ``hook_k``/``hook_v`` have one entry per key-value head,
+``mlp.hook_pre`` is the gate's input to the activation and ``mlp.hook_pre_linear`` the up
+projection of a gated MLP. It adds what patching needs and TransformerLens does not have:
 
 * a *patch axis*: the residual stream is ``[n_prompts, n_patches, positions, d_model]``, so many
   patched variants of every prompt run in one batched forward;
@@ -24,6 +35,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +54,25 @@ SITE_PATTERNS = (
     "blocks.L.mlp.hook_pre", "blocks.L.mlp.hook_post",
     "ln_final.hook_scale", "ln_final.hook_normalized",
 )
+_ONLY = {"hook_pos_embed": "learned positions", "blocks.L.hook_resid_mid": "a serial block "
+         "(attention, then MLP)", "blocks.L.ln2.hook_scale": "a second norm per block",
+         "blocks.L.ln2.hook_normalized": "a second norm per block",
+         "blocks.L.mlp.hook_pre_linear": "a gated MLP"}
+# Agreement with the Hugging Face model's logits the engine requires when it is built, relative
+# to max(1, max |logit|): float32/64 are exact up to summation order; half precision rounds every
+# activation to 8 (bfloat16) or 11 (float16) mantissa bits, and the two forwards round in
+# different places (HF keeps norms and softmax in float32), so they drift apart by a few units of
+# the dtype's epsilon per layer. Measured worst cases are in the README and tests/test_dtypes.py.
+VERIFY_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 0.08,
+               torch.float16: 0.02}
+
+
+class UnsupportedArchitecture(NotImplementedError):
+    """The engine cannot run this model exactly; the message names what it has and lacks."""
+
+
+class EngineMismatch(ValueError):
+    """The engine, the bridge or the Hugging Face model disagree beyond the dtype's tolerance."""
 _LAYER_SITE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -49,6 +80,7 @@ _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
     "relu": F.relu,
+    "silu": F.silu,
 }
 
 
@@ -84,45 +116,64 @@ def _tap(ctx: Ctx | None, name: str, act: torch.Tensor,
 
 
 class Engine:
-    """Pure-torch forward of a GPT-2-style ``TransformerBridge`` in compatibility mode."""
+    """Pure-torch forward of a ``TransformerBridge``: GPT-2/OPT (compatibility mode), GPT-NeoX,
+    GPT-J, Llama, Qwen2, Qwen3."""
 
     def __init__(self, model, verify: bool = True) -> None:
         cfg = model.cfg
-        _check_architecture(cfg)
+        hf = _reference_model(model)
         self.model, self.cfg = model, cfg
-        L, H = cfg.n_layers, cfg.n_heads
-        self.n_layers, self.n_heads, self.d_head = L, H, cfg.d_head
-        self.d_model, self.d_mlp, self.d_vocab = cfg.d_model, cfg.d_mlp, cfg.d_vocab
-        self.eps = cfg.eps
-        self.act = _ACTS[cfg.act_fn]
-        scale = cfg.attn_scale if getattr(cfg, "attn_scale", -1) and cfg.attn_scale > 0 \
-            else math.sqrt(cfg.d_head)
-        self.scale = 1.0 / scale if getattr(cfg, "use_attn_scale", True) else 1.0
-        self.normalize = cfg.normalization_type is not None
-
+        self.n_layers, self.d_vocab = cfg.n_layers, cfg.d_vocab
+        self.n_ctx = cfg.n_ctx
+        family = getattr(getattr(hf, "config", None), "model_type", None)
+        if hf is None and _bridge_family(model) in _HF_FAMILIES:
+            raise UnsupportedArchitecture(
+                f"Engine reads {_bridge_family(model)} weights from the checkpoint directory, "
+                "and this bridge does not say where it is: load the model with "
+                "mechtests.models.load_model (or TransformerBridge.boot_transformers on a local "
+                "directory).")
         with torch.no_grad():
-            g = lambda name: getattr(model, name).detach().clone()  # noqa: E731
-            d, dh = cfg.d_model, cfg.d_head
-            self.W_Q, self.W_K, self.W_V = g("W_Q"), g("W_K"), g("W_V")  # [L,H,d,dh]
-            self.b_Q, self.b_K, self.b_V = g("b_Q"), g("b_K"), g("b_V")  # [L,H,dh]
-            self.W_O, self.b_O = g("W_O"), g("b_O")  # [L,H,dh,d], [L,d]
-            self.W_in, self.b_in, self.W_out, self.b_out = g("W_in"), g("b_in"), g("W_out"), \
-                g("b_out")
-            self.W_E, self.W_pos, self.W_U, self.b_U = g("W_E"), g("W_pos"), g("W_U"), g("b_U")
-            # Fused [d, 3*H*dh] projection: one matmul for q, k and v.
-            self.W_QKV = torch.cat([w.permute(0, 2, 1, 3).reshape(L, d, H * dh)
-                                    for w in (self.W_Q, self.W_K, self.W_V)], -1).contiguous()
-            self.b_QKV = torch.cat([b.reshape(L, H * dh)
-                                    for b in (self.b_Q, self.b_K, self.b_V)], -1).contiguous()
-            self.W_O_flat = self.W_O.reshape(L, H * dh, d).contiguous()
+            if family in _HF_FAMILIES:
+                w = _hf_weights(hf, family)
+                self._rotary_source = (hf.transformer.h[0].attn.embed_positions
+                                       if family == "gptj" else _find_rotary(hf))
+            else:
+                _check_architecture(cfg, hf)
+                w = _bridge_weights(model)
+        self.family = family or "gpt2"
+        for k, v in w.items():
+            setattr(self, k, v)
+        L, H, dh = self.W_Q.shape[0], self.W_Q.shape[1], self.W_Q.shape[-1]
+        self.n_heads, self.n_kv_heads, self.d_head = H, self.W_K.shape[1], dh
+        self.d_model, self.d_mlp = self.W_Q.shape[2], self.W_out.shape[1]
+        self.group = H // self.n_kv_heads  # query heads per key-value head
+        self.gated = self.W_gate is not None
+        with torch.no_grad():  # fused [d, (H + 2*Hkv)*dh] projection: one matmul for q, k, v
+            self.W_QKV = torch.cat([w_.permute(0, 2, 1, 3).reshape(L, self.d_model, -1)
+                                    for w_ in (self.W_Q, self.W_K, self.W_V)], -1).contiguous()
+            self.b_QKV = torch.cat([b.reshape(L, -1) for b in (self.b_Q, self.b_K, self.b_V)],
+                                   -1).contiguous()
+            self.W_O_flat = self.W_O.reshape(L, H * dh, self.d_model).contiguous()
         self.device, self.dtype = self.W_E.device, self.W_E.dtype
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._names = [{k: f"blocks.{layer}.{k}" for k in (
             "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
             "hook_mlp_out", "ln1", "ln2", "attn.hook_q", "attn.hook_k", "attn.hook_v",
             "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "mlp.hook_pre",
-            "mlp.hook_post")} for layer in range(L)]
+            "mlp.hook_pre_linear", "mlp.hook_post")} for layer in range(L)]
+        have = {"hook_pos_embed": self.W_pos is not None, "blocks.L.hook_resid_mid": not
+                self.parallel, "blocks.L.ln2.hook_scale": not self.shared_ln,
+                "blocks.L.ln2.hook_normalized": not self.shared_ln,
+                "blocks.L.mlp.hook_pre_linear": self.gated}
+        self.sites = tuple(s for s in (*SITE_PATTERNS, "blocks.L.mlp.hook_pre_linear")
+                           if have.get(s, True))
         if verify:
-            self._verify()
+            self._verify(hf)
+
+    @property
+    def rms(self) -> bool:
+        """RMSNorm (no centring) rather than LayerNorm."""
+        return self.norm == "rms"
 
     # -- public ------------------------------------------------------------------------------
     def run(self, tokens: torch.Tensor, sites: Iterable[str] = (),
@@ -145,13 +196,14 @@ class Engine:
     def embed(self, tokens: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
         """``[b, T]`` tokens to the residual stream ``[b, 1, T, d]`` (one patch)."""
         T = tokens.shape[-1]
-        e = _tap(ctx, "hook_embed", self.W_E[tokens])
-        p = _tap(ctx, "hook_pos_embed", self.W_pos[:T].expand(tokens.shape[0], T, -1))
-        return (e + p)[:, None]
+        x = _tap(ctx, "hook_embed", self.W_E[tokens])
+        if self.W_pos is not None:
+            x = x + _tap(ctx, "hook_pos_embed", self.W_pos[:T].expand(tokens.shape[0], T, -1))
+        return x[:, None]
 
     def unembed(self, x: torch.Tensor, ctx: Ctx | None = None, sel=None) -> torch.Tensor:
-        """Final LayerNorm and unembedding of a residual ``[..., d]`` (optionally at ``sel``)."""
-        h = self._ln(x, ctx, "ln_final", lambda a: a, lambda a: a)
+        """Final norm and unembedding of a residual ``[..., d]`` (optionally at ``sel``)."""
+        h = self.normalize(x, ctx, "ln_final", lambda a: a, lambda a: a)
         if sel is not None:
             h = h[:, sel]
         return h @ self.W_U + self.b_U
@@ -164,13 +216,18 @@ class Engine:
 
         Stage ``2*l`` is layer l's attention input (resid_pre), ``2*l+1`` its MLP input
         (resid_mid), ``2*n_layers`` the final residual. ``prefix[l]`` holds layer l's keys and
-        values ``[N, p0, H, dh]`` for the positions before the window. ``entries[s]``
-        ``[N, P_s, t, d]`` join the batch (along P) at stage s. ``read`` ``[N]`` (window
-        positions) makes the last layer compute queries, MLP and output only there.
-        Returns the final residual ``[N, P, t or 1, d]`` (before ``ln_final``).
+        values ``[N, p0, Hkv, dh]`` (as ``hook_k``/``hook_v``: before rotary) for the positions
+        before the window. ``entries[s]`` ``[N, P_s, t, d]`` join the batch (along P) at stage
+        s. ``read`` ``[N]`` (window positions) makes the last layer compute queries, MLP and
+        output only there. Returns the final residual ``[N, P, t or 1, d]`` (before the final
+        norm). In a parallel block (attention and MLP both read resid_pre) there is no odd
+        stage: a change to the attention output enters at the next even stage.
         """
         entries = entries or {}
         n = self.n_layers
+        if self.parallel and (stage % 2 or any(s % 2 for s in entries)):
+            raise ValueError("this model's blocks are parallel (attention and MLP both read "
+                             "resid_pre): start and join at even stages only")
         for layer in range(stage // 2, n):
             names = self._names[layer]
             last = read is not None and layer == n - 1
@@ -178,8 +235,15 @@ class Engine:
                 x = _join(x, entries.get(2 * layer), None)
                 x = _tap(ctx, names["hook_resid_pre"], x, *_fold(x))
                 kv = prefix[layer] if p0 else None
-                a = self._attn(layer, x, p0, kv, ctx, read if last else None)
-                x = (_gather(x, read) if last else x) + a
+                a, h = self._attn(layer, x, p0, kv, ctx, read if last else None)
+                x = _gather(x, read) if last else x
+                if self.parallel:
+                    h = _gather(h, read) if last else h
+                    x = x + a + self._mlp(layer, h if self.shared_ln else x, ctx,
+                                          normed=self.shared_ln)
+                    x = _tap(ctx, names["hook_resid_post"], x, *_fold(x))
+                    continue
+                x = x + a
             x = _join(x, entries.get(2 * layer + 1), read if last else None)
             x = _tap(ctx, names["hook_resid_mid"], x, *_fold(x))
             x = x + self._mlp(layer, x, ctx)
@@ -187,29 +251,81 @@ class Engine:
         return _join(x, entries.get(2 * n), read)
 
     # -- the transformer ---------------------------------------------------------------------
-    def _ln(self, x, ctx, name, to_tl, from_tl):
-        x = x - x.mean(-1, keepdim=True)
-        scale = _tap(ctx, f"{name}.hook_scale", (x.pow(2).mean(-1, keepdim=True) + self.eps)
-                     .sqrt(), to_tl, from_tl)
+    def normalize(self, x, ctx=None, name=None, to_tl=None, from_tl=None):
+        """The norm without its weight (folded into the next matrix): LayerNorm or RMSNorm."""
+        if not self.rms:
+            x = x - x.mean(-1, keepdim=True)
+        scale = (x.float().pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        if name is None:
+            return (x / scale).to(x.dtype)
+        scale = _tap(ctx, f"{name}.hook_scale", scale.to(x.dtype), to_tl, from_tl)
         return _tap(ctx, f"{name}.hook_normalized", x / scale, to_tl, from_tl)
 
+    _ln = normalize  # the name the rest of the package used for GPT-2's LayerNorm
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of ``x`` ``[..., T, heads, dh]`` at positions ``pos`` ``[T]``."""
+        if self.rotary is None:
+            return x
+        r = self.rotary_dim
+        if self._rope_table is None or self._rope_table[0].shape[0] <= int(pos.max()):
+            self._rope_table = self._rope(max(int(pos.max()) + 1, 64))
+        cos, sin = (t[pos][:, None] for t in self._rope_table)  # [T, 1, r]
+        xr = x[..., :r]
+        if self.rotary == "half":
+            rot = torch.cat([-xr[..., r // 2:], xr[..., :r // 2]], -1)
+        else:  # GPT-J: rotate every two
+            rot = torch.stack([-xr[..., 1::2], xr[..., ::2]], -1).flatten(-2)
+        out = xr * cos + rot * sin
+        return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], -1)
+
+    def _rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[T, rotary_dim]``, from the Hugging Face model's own rotary module."""
+        pos = torch.arange(T, device=self.device)
+        if self.rotary == "pairs":
+            table = self._rotary_source.to(self.device)
+            if table.shape[0] < T:
+                raise ValueError(f"prompt of {T} tokens is beyond the model's rotary table "
+                                 f"({table.shape[0]} positions)")
+            sin, cos = table[:T].float().chunk(2, -1)
+            return (cos.repeat_interleave(2, -1).to(self.dtype),
+                    sin.repeat_interleave(2, -1).to(self.dtype))
+        cos, sin = self._rotary_source(torch.zeros(1, dtype=torch.float32, device=self.device),
+                                       pos[None])
+        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+
     def _attn(self, layer, x, p0, kv, ctx, read):
-        """Attention sublayer on the window; ``kv`` = cached keys/values before it."""
+        """Attention sublayer on the window; ``kv`` = cached keys/values before it.
+
+        Returns the attention output and the normalized input (a parallel block's MLP reads
+        the same norm in GPT-J)."""
         N, P, t, _ = x.shape
-        H, dh = self.n_heads, self.d_head
+        H, Hk, dh, G = self.n_heads, self.n_kv_heads, self.d_head, self.group
         names = self._names[layer]
         fold, unfold = _fold(x)
-        h = self._ln(x, ctx, names["ln1"], fold, unfold)
-        q, k, v = (h @ self.W_QKV[layer] + self.b_QKV[layer]).view(N, P, t, 3, H, dh).unbind(3)
+        h = self.normalize(x, ctx, names["ln1"], fold, unfold)
+        qkv = h @ self.W_QKV[layer] + self.b_QKV[layer]
+        q = qkv[..., :H * dh].view(N, P, t, H, dh)
+        k, v = qkv[..., H * dh:].view(N, P, t, 2, Hk, dh).unbind(3)
+        if self.q_norm is not None:
+            q = _rms(q, self.q_norm[layer], self.eps)
+            k = _rms(k, self.k_norm[layer], self.eps)
         f5 = _fold(q)
         q = _tap(ctx, names["attn.hook_q"], q, *f5)
         k = _tap(ctx, names["attn.hook_k"], k, *f5)
         v = _tap(ctx, names["attn.hook_v"], v, *f5)
+        if self.rotary is not None:
+            window = torch.arange(p0, p0 + t, device=x.device)
+            q, k = self.rotate(q, window), self.rotate(k, window)
         if read is not None:
             q = _gather(q, read)
         tq = q.shape[2]
         qh = q.permute(0, 3, 1, 2, 4)  # [N,H,P,tq,dh]
-        scores = (qh @ k.permute(0, 3, 1, 4, 2)) * self.scale  # [N,H,P,tq,t]
+        kh = k.permute(0, 3, 1, 4, 2)  # [N,Hk,P,dh,t]
+        vh = v.permute(0, 3, 1, 2, 4)  # [N,Hk,P,t,dh]
+        if G > 1:
+            kh, vh = kh.repeat_interleave(G, 1), vh.repeat_interleave(G, 1)
+        scores = (qh @ kh) * self.scale  # [N,H,P,tq,t]
         if read is None:
             mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
         else:  # query at window index read[n] sees keys j <= read[n]
@@ -217,28 +333,39 @@ class Engine:
         scores = scores.masked_fill(mask, float("-inf"))
         if p0:
             kp, vp = kv
+            kp = self.rotate(kp, torch.arange(p0, device=x.device))
+            if G > 1:
+                kp, vp = kp.repeat_interleave(G, 2), vp.repeat_interleave(G, 2)
             sp = qh.reshape(N, H, P * tq, dh) @ kp.permute(0, 2, 3, 1)  # [N,H,P*tq,p0]
             scores = torch.cat([(sp * self.scale).view(N, H, P, tq, p0), scores], -1)
         pat = (lambda a: a.permute(0, 2, 1, 3, 4).reshape(N * P, H, tq, -1),
                lambda a: a.view(N, P, H, tq, -1).permute(0, 2, 1, 3, 4))
         scores = _tap(ctx, names["attn.hook_attn_scores"], scores, *pat)
-        pattern = _tap(ctx, names["attn.hook_pattern"], scores.softmax(-1), *pat)
-        z = pattern[..., p0:] @ v.permute(0, 3, 1, 2, 4)  # [N,H,P,tq,dh]
+        probs = scores.float().softmax(-1).to(scores.dtype)
+        pattern = _tap(ctx, names["attn.hook_pattern"], probs, *pat)
+        z = pattern[..., p0:] @ vh  # [N,H,P,tq,dh]
         if p0:
             zp = pattern[..., :p0].reshape(N, H, P * tq, p0) @ vp.permute(0, 2, 1, 3)
             z = z + zp.view(N, H, P, tq, dh)
         z = z.permute(0, 2, 3, 1, 4)  # [N,P,tq,H,dh]
         z = _tap(ctx, names["attn.hook_z"], z, *_fold(z))
         out = z.reshape(N, P, tq, H * dh) @ self.W_O_flat[layer] + self.b_O[layer]
-        return _tap(ctx, names["hook_attn_out"], out, *_fold(out))
+        return _tap(ctx, names["hook_attn_out"], out, *_fold(out)), h
 
-    def _mlp(self, layer, x, ctx):
+    def _mlp(self, layer, x, ctx, normed: bool = False):
         names = self._names[layer]
         fold, unfold = _fold(x)
-        h = self._ln(x, ctx, names["ln2"], fold, unfold)
-        pre = h @ self.W_in[layer] + self.b_in[layer]
-        pre = _tap(ctx, names["mlp.hook_pre"], pre, *_fold(pre))
-        post = _tap(ctx, names["mlp.hook_post"], self.act(pre), *_fold(pre))
+        h = x if normed else self.normalize(x, ctx, names["ln2"], fold, unfold)
+        if self.gated:
+            pre = h @ self.W_gate[layer]
+            lin = h @ self.W_in[layer] + self.b_in[layer]
+            pre = _tap(ctx, names["mlp.hook_pre"], pre, *_fold(pre))
+            lin = _tap(ctx, names["mlp.hook_pre_linear"], lin, *_fold(lin))
+            post = _tap(ctx, names["mlp.hook_post"], self.act(pre) * lin, *_fold(pre))
+        else:
+            pre = h @ self.W_in[layer] + self.b_in[layer]
+            pre = _tap(ctx, names["mlp.hook_pre"], pre, *_fold(pre))
+            post = _tap(ctx, names["mlp.hook_post"], self.act(pre), *_fold(pre))
         out = post @ self.W_out[layer] + self.b_out[layer]
         return _tap(ctx, names["hook_mlp_out"], out, *_fold(out))
 
@@ -250,9 +377,9 @@ class Engine:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [batch, pos], got "
                              f"{tokens.dtype} {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.cfg.n_ctx:
+        if tokens.shape[1] > self.n_ctx:
             raise ValueError(f"prompt has {tokens.shape[1]} tokens, the model's context is "
-                             f"{self.cfg.n_ctx}")
+                             f"{self.n_ctx}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.d_vocab):
             raise ValueError(f"token ids must be in [0, {self.d_vocab})")
         return tokens.long()
@@ -262,29 +389,108 @@ class Engine:
         out = []
         for s in sites:
             m = _LAYER_SITE.match(s)
-            ok = s in SITE_PATTERNS if m is None else (
-                f"blocks.L.{m.group(2)}" in SITE_PATTERNS and int(m.group(1)) < self.n_layers)
+            pattern = s if m is None else f"blocks.L.{m.group(2)}"
+            ok = pattern in self.sites and (m is None or int(m.group(1)) < self.n_layers)
             if not ok:
+                why = ""
+                if pattern in _ONLY and pattern not in self.sites:
+                    why = (f" ({self.family} has no {pattern.split('.')[-1]}: that site needs "
+                           f"{_ONLY[pattern]})")
                 raise ValueError(
-                    f"unknown site {s!r}; valid sites (L in 0..{self.n_layers - 1}): "
-                    + ", ".join(SITE_PATTERNS))
+                    f"unknown site {s!r}{why}; valid sites (L in 0..{self.n_layers - 1}): "
+                    + ", ".join(self.sites))
             out.append(s)
         return out
 
-    def _verify(self) -> None:
-        """Compare with the bridge's own forward once, so unprocessed weights fail loudly."""
-        T = min(8, self.cfg.n_ctx)
+    def _verify(self, hf) -> None:
+        """Compare with the Hugging Face model and with the bridge once, at the dtype's
+        tolerance (:data:`VERIFY_RTOL`): unprocessed weights, a bridge that computes something
+        else than Hugging Face, or an architecture switch the engine missed, fail loudly."""
+        T = min(8, self.n_ctx)
         tokens = (torch.arange(T, device=self.device) * 7 + 1)[None] % self.d_vocab
+        # Logits are compared up to a constant per position (compatibility mode centres the
+        # unembedding, which shifts every logit of a position alike: no softmax or logit
+        # difference changes).
+        c = lambda x: x.float() - x.float().mean(-1, keepdim=True)  # noqa: E731
         with torch.no_grad():
-            ref = self.model(tokens)
-            ours, _ = self.run(tokens)
-        err = (ref.to(ours.dtype) - ours).abs().max().item()
-        tol = 1e-3 * max(1.0, ref.abs().max().item())
-        if not err <= tol:
-            raise ValueError(
-                f"Engine's forward disagrees with the model (max |dlogit| = {err:.3g}). Load the "
-                "model with mechtests.models.load_model or call model.enable_compatibility_mode() "
-                "before building an Engine: it needs the folded LayerNorm weights.")
+            ours = c(self.run(tokens)[0])
+            bridge = c(self.model(tokens))
+            ref = c(hf(tokens).logits) if hf is not None else None
+        rtol = VERIFY_RTOL.get(self.dtype, 1e-4)
+        if ref is not None:
+            tol = rtol * max(1.0, ref.abs().max().item())
+            bridge_err = (bridge - ref).abs().max().item()
+            if not bridge_err <= tol and self.family == "gpt2":
+                raise EngineMismatch(
+                    f"TransformerLens's bridge disagrees with the Hugging Face model on "
+                    f"{self.family} (max |dlogit| = {bridge_err:.3g}, tolerance {tol:.3g} in "
+                    f"{_dtype_name(self.dtype)}): the engine reads the bridge's weights, so it "
+                    "would inherit the error. mechtests refuses this model rather than report "
+                    "numbers that are not the model's.")
+            err = (ours - ref).abs().max().item()
+            if not err <= tol:
+                raise EngineMismatch(
+                    f"Engine's forward disagrees with the Hugging Face model "
+                    f"({self.family}, max |dlogit| = {err:.3g}, tolerance {tol:.3g} in "
+                    f"{_dtype_name(self.dtype)}): an architecture switch the engine does not "
+                    "know about, or weights changed after loading. Refused rather than "
+                    "approximated.")
+        if self.family == "gpt2":  # the engine runs the bridge's processed weights: same forward
+            tol = rtol * max(1.0, bridge.abs().max().item())
+            err = (ours - bridge).abs().max().item()
+            if not err <= tol:
+                raise EngineMismatch(
+                    f"Engine's forward disagrees with the bridge (max |dlogit| = {err:.3g}, "
+                    f"tolerance {tol:.3g} in {_dtype_name(self.dtype)}). GPT-2-style models "
+                    "run on the bridge's folded weights: call model.enable_compatibility_mode() "
+                    "before building an Engine (mechtests.models.load_model does, unless "
+                    "compat=False).")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis with weight ``w`` (Qwen3's per-head q/k norm)."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _reference_model(model):
+    """A fresh Hugging Face model from the bridge's checkpoint directory (safetensors only, no
+    remote code, no download), independent of the bridge's own processing, in its dtype; or
+    None when the bridge does not say where its checkpoint is."""
+    spec = getattr(model, "mechtests_spec", None)
+    path = getattr(spec, "path", None)
+    if path is None:
+        hf = getattr(model, "original_model", None)
+        name = getattr(getattr(hf, "config", None), "_name_or_path", "") or ""
+        path = Path(name) if name and Path(name).is_dir() else None
+    if path is None:
+        return None
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dtype = getattr(model.cfg, "dtype", None) or next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
+        local_files_only=True, attn_implementation="eager").to(device)
+    return ref.eval()
+
+
+def _bridge_family(model) -> str | None:
+    hf = getattr(model, "original_model", None)
+    return getattr(getattr(hf, "config", None), "model_type", None)
+
+
+def _find_rotary(hf):
+    for name, mod in hf.named_modules():
+        if name.endswith("rotary_emb"):
+            return mod
+    raise UnsupportedArchitecture(f"{type(hf).__name__}: no rotary embedding module found")
 
 
 def _fold(x: torch.Tensor):
@@ -310,10 +516,25 @@ def _join(x: torch.Tensor | None, new: torch.Tensor | None, read: torch.Tensor |
     return new if x is None else torch.cat([x, new], 1)
 
 
-def _check_architecture(cfg) -> None:
-    """GPT-2 style only: learned positions, LayerNorm, gelu MLP, full multi-head attention."""
+def _check_architecture(cfg, hf=None) -> None:
+    """GPT-2 style (GPT-2, pre-LayerNorm OPT) on the bridge's weights: learned positions,
+    LayerNorm, gelu/relu MLP, full multi-head attention. Anything else is refused by name."""
     g = lambda k, d=None: getattr(cfg, k, d)  # noqa: E731
+    hc = getattr(hf, "config", None)
+    h = lambda k, d=None: getattr(hc, k, d)  # noqa: E731
     bad = []
+    family = h("model_type")
+    arch = g("architecture") or (type(hf).__name__ if hf is not None else None) \
+        or g("model_name") or "this model"
+    if family not in (None, "gpt2", "opt"):
+        feats = [f"{k}={h(k)}" for k in ("attn_logit_softcapping", "final_logit_softcapping",
+                                         "sliding_window", "query_pre_attn_scalar")
+                 if h(k) and (k != "sliding_window" or h("use_sliding_window", True))]
+        raise UnsupportedArchitecture(
+            f"Engine has no exact implementation for {arch} (model_type {family!r}"
+            + (f"; it has {', '.join(feats)}" if feats else "") + f"). The engine runs "
+            f"{SUPPORTED}; mechtests refuses other models rather than return numbers it has "
+            "not checked.")
     if g("positional_embedding_type", "standard") != "standard":
         bad.append(f"positional_embedding_type={g('positional_embedding_type')!r}")
     if g("normalization_type") not in ("LN", "LNPre") or g("uses_rms_norm") or g("final_rms"):
@@ -330,14 +551,162 @@ def _check_architecture(cfg) -> None:
     for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"):
         if (g(cap, -1.0) or -1.0) > 0:
             bad.append(f"{cap}={g(cap)}")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if h(cap):
+            bad.append(f"{cap}={h(cap)} (soft-capped logits)")
+    if h("sliding_window") and h("use_sliding_window", True):
+        bad.append(f"sliding_window={h('sliding_window')} (local attention)")
     if g("d_vocab_out", cfg.d_vocab) not in (-1, cfg.d_vocab):
         bad.append("d_vocab_out != d_vocab")
+    if family == "gpt2":
+        if h("scale_attn_weights") is False:
+            bad.append("scale_attn_weights=False (unscaled attention scores; TransformerLens's "
+                       "bridge scales them by 1/sqrt(d_head) anyway, so its weights give "
+                       "another model)")
+        if h("scale_attn_by_inverse_layer_idx"):
+            bad.append("scale_attn_by_inverse_layer_idx=True")
+    if family == "opt":
+        if h("word_embed_proj_dim") not in (None, h("hidden_size")):
+            bad.append(f"a projected embedding (word_embed_proj_dim={h('word_embed_proj_dim')} "
+                       f"!= hidden_size={h('hidden_size')}, as opt-350m)")
+        if h("do_layer_norm_before") is False:
+            bad.append("post-LayerNorm blocks (do_layer_norm_before=False)")
     if bad:
-        arch = g("architecture") or g("model_name") or "this model"
-        raise NotImplementedError(
-            f"Engine supports GPT-2-style models (learned positions, LayerNorm, gelu MLP, "
-            f"multi-head attention); {arch} has {', '.join(bad)}. Use TransformerLens's own "
-            "patching for it.")
+        raise UnsupportedArchitecture(
+            f"Engine has no exact implementation for {arch}: it has {', '.join(bad)}. The "
+            f"engine runs {SUPPORTED}; mechtests refuses other models rather than return "
+            "numbers it has not checked.")
+
+
+SUPPORTED = ("GPT-2, pre-LayerNorm OPT, GPT-NeoX/Pythia, GPT-J, Llama, Qwen2 and Qwen3 "
+             "(full attention, no soft-capping, no sliding window)")
+_HF_FAMILIES = ("gpt_neox", "gptj", "llama", "qwen2", "qwen3")
+
+
+def _bridge_weights(model) -> dict:
+    """GPT-2/OPT: the bridge's processed (compatibility-mode) weights."""
+    cfg = model.cfg
+    g = lambda name: getattr(model, name).detach().clone()  # noqa: E731
+    scale = cfg.attn_scale if getattr(cfg, "attn_scale", -1) and cfg.attn_scale > 0 \
+        else math.sqrt(cfg.d_head)
+    return dict(
+        W_Q=g("W_Q"), W_K=g("W_K"), W_V=g("W_V"), b_Q=g("b_Q"), b_K=g("b_K"), b_V=g("b_V"),
+        W_O=g("W_O"), b_O=g("b_O"), W_in=g("W_in"), b_in=g("b_in"), W_out=g("W_out"),
+        b_out=g("b_out"), W_E=g("W_E"), W_pos=g("W_pos"), W_U=g("W_U"), b_U=g("b_U"),
+        W_gate=None, q_norm=None, k_norm=None, norm="ln", eps=cfg.eps, act=_ACTS[cfg.act_fn],
+        scale=1.0 / scale if getattr(cfg, "use_attn_scale", True) else 1.0, rotary=None,
+        rotary_dim=0, parallel=False, shared_ln=False)
+
+
+def _hf_weights(hf, family: str) -> dict:
+    """GPT-NeoX, GPT-J, Llama, Qwen2, Qwen3 from the Hugging Face model's own parameters, each
+    norm's weight (and LayerNorm bias) folded into the matrices that read it."""
+    c = hf.config
+    bad = []
+    act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
+    if act not in _ACTS:
+        bad.append(f"activation {act!r}")
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") not in ("default", "linear", "llama3", "yarn"):
+        bad.append(f"rope_type={rope.get('rope_type')!r} (length-dependent rotary)")
+    if getattr(c, "use_sliding_window", False) and getattr(c, "sliding_window", None):
+        bad.append(f"sliding_window={c.sliding_window} (local attention)")
+    if getattr(c, "mlp_bias", False):
+        bad.append("mlp_bias=True (a gate bias)")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(c, cap, None):
+            bad.append(f"{cap}={getattr(c, cap)}")
+    if bad:
+        raise UnsupportedArchitecture(
+            f"Engine has no exact implementation for {type(hf).__name__}: it has "
+            f"{', '.join(bad)}. Supported: {SUPPORTED}.")
+    P = lambda m: m.weight.detach().T  # noqa: E731  (x @ W orientation)
+    B = lambda m, n: m.bias.detach() if getattr(m, "bias", None) is not None \
+        else torch.zeros(n, dtype=m.weight.dtype, device=m.weight.device)  # noqa: E731
+    out = {k: [] for k in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O", "W_in",
+                           "b_in", "W_gate", "W_out", "b_out", "q_norm", "k_norm")}
+
+    def fold(norm, W, b):
+        """A norm with weight w (and bias beta) feeding x @ W + b."""
+        w = norm.weight.detach()
+        beta = getattr(norm, "bias", None)
+        b = b if beta is None else b + beta.detach() @ W
+        return w[:, None] * W, b
+
+    if family == "gpt_neox":
+        base, layers = hf.gpt_neox, hf.gpt_neox.layers
+        W_E, final, head = base.embed_in.weight, base.final_layer_norm, \
+            hf.get_output_embeddings()
+        H = c.num_attention_heads
+    elif family == "gptj":
+        base, layers = hf.transformer, hf.transformer.h
+        W_E, final, head = base.wte.weight, base.ln_f, hf.get_output_embeddings()
+        H = c.n_head
+    else:
+        base, layers = hf.model, hf.model.layers
+        W_E, final, head = base.embed_tokens.weight, base.norm, hf.get_output_embeddings()
+        H = c.num_attention_heads
+    d = W_E.shape[1]
+    for layer in layers:
+        if family == "gpt_neox":
+            a, m = layer.attention, layer.mlp
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            dh = d // H
+            w = a.query_key_value.weight.detach().view(H, 3, dh, d)
+            bq = B(a.query_key_value, 3 * H * dh).view(H, 3, dh)
+            Wq, Wk, Wv = (w[:, i].permute(2, 0, 1).reshape(d, H * dh) for i in range(3))
+            bqkv = [bq[:, i].reshape(-1) for i in range(3)]
+            o, up, gate, down = a.dense, m.dense_h_to_4h, None, m.dense_4h_to_h
+        elif family == "gptj":
+            a, m, ln1, ln2 = layer.attn, layer.mlp, layer.ln_1, layer.ln_1
+            dh = d // H
+            Wq, Wk, Wv = P(a.q_proj), P(a.k_proj), P(a.v_proj)
+            bqkv = [B(p, p.weight.shape[0]) for p in (a.q_proj, a.k_proj, a.v_proj)]
+            o, up, gate, down = a.out_proj, m.fc_in, None, m.fc_out
+        else:
+            a, m = layer.self_attn, layer.mlp
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            dh = a.head_dim
+            Wq, Wk, Wv = P(a.q_proj), P(a.k_proj), P(a.v_proj)
+            bqkv = [B(p, p.weight.shape[0]) for p in (a.q_proj, a.k_proj, a.v_proj)]
+            o, up, gate, down = a.o_proj, m.up_proj, m.gate_proj, m.down_proj
+            if getattr(a, "q_norm", None) is not None:
+                out["q_norm"].append(a.q_norm.weight.detach())
+                out["k_norm"].append(a.k_norm.weight.detach())
+        Hk = Wk.shape[1] // dh
+        for name, W, b, n in (("Q", Wq, bqkv[0], H), ("K", Wk, bqkv[1], Hk),
+                              ("V", Wv, bqkv[2], Hk)):
+            W, b = fold(ln1, W, b)
+            out[f"W_{name}"].append(W.reshape(d, n, dh).permute(1, 0, 2))
+            out[f"b_{name}"].append(b.reshape(n, dh))
+        out["W_O"].append(P(o).reshape(H, dh, d))
+        out["b_O"].append(B(o, d))
+        W, b = fold(ln2, P(up), B(up, up.weight.shape[0]))
+        out["W_in"].append(W)
+        out["b_in"].append(b)
+        if gate is not None:
+            out["W_gate"].append(fold(ln2, P(gate), 0.0)[0])
+        out["W_out"].append(P(down))
+        out["b_out"].append(B(down, d))
+    w = {k: (torch.stack(v).clone() if v else None) for k, v in out.items()}
+    W_U, b_U = fold(final, P(head), B(head, head.weight.shape[0]))
+    w.update(W_E=W_E.detach().clone(), W_pos=None, W_U=W_U.clone(), b_U=b_U.clone())
+    eps = getattr(final, "eps", None) or getattr(final, "variance_epsilon", None)
+    rotary_dim = dh
+    if family == "gptj":
+        rotary, rotary_dim = "pairs", c.rotary_dim or dh
+    else:
+        rotary = "half"
+        cos, _ = _find_rotary(hf)(torch.zeros(1), torch.arange(2)[None])
+        rotary_dim = cos.shape[-1]
+    scale = getattr(layers[0].attention if family == "gpt_neox" else
+                    layers[0].attn if family == "gptj" else layers[0].self_attn,
+                    "scaling", None) or dh ** -0.5
+    w.update(norm="ln" if family in ("gpt_neox", "gptj") else "rms", eps=eps, act=_ACTS[act],
+             scale=float(scale), rotary=rotary, rotary_dim=rotary_dim,
+             parallel=family == "gptj" or bool(getattr(c, "use_parallel_residual", False)),
+             shared_ln=family == "gptj")
+    return w
 
 
 def engine_for(model) -> Engine:

@@ -118,3 +118,60 @@ def compare_attribution_with_tl(ours: dict, tl, atol: float = 1e-4) -> int:
         assert abs(float(mine) - score) < atol, (node, float(mine), score)
         seen += 1
     return seen
+
+
+ARCHITECTURES = ("gpt2", "neox", "neox_serial", "llama", "qwen2", "qwen3", "gptj", "gemma2")
+
+
+def save_arch_checkpoint(path: str | Path, arch: str, seed: int = 0, n_layer: int = 2,
+                         words: Sequence[str] = WORDS, init: float = 0.25) -> Path:
+    """A tiny random checkpoint of ``arch`` (see :data:`ARCHITECTURES`), saved as safetensors.
+
+    Weights are drawn with std ``init`` (not the 0.02 default, which makes every effect ~1e-3)
+    and norm weights and biases are perturbed, so folding matters and patching effects are O(1).
+    ``neox`` has partial rotary and parallel attention + MLP; ``llama`` grouped-query attention.
+    """
+    import torch
+    import transformers as tf
+
+    tok = word_tokenizer(words)
+    common = dict(vocab_size=len(tok), bos_token_id=0, eos_token_id=0)
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=n_layer,
+                 num_attention_heads=4, max_position_embeddings=64, **common)
+    if arch == "gpt2":
+        cfg, cls = tf.GPT2Config(n_positions=64, n_embd=32, n_layer=n_layer, n_head=4,
+                                 **common), tf.GPT2LMHeadModel
+    elif arch in ("neox", "neox_serial"):
+        cfg = tf.GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=arch == "neox", **small)
+        cls = tf.GPTNeoXForCausalLM
+    elif arch == "llama":
+        cfg, cls = tf.LlamaConfig(num_key_value_heads=2, **small), tf.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg, cls = tf.Qwen2Config(num_key_value_heads=2, **small), tf.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        cfg, cls = tf.Qwen3Config(num_key_value_heads=2, head_dim=8, **small), \
+            tf.Qwen3ForCausalLM
+    elif arch == "gptj":
+        cfg = tf.GPTJConfig(n_positions=64, n_embd=32, n_layer=n_layer, n_head=4, rotary_dim=4,
+                            **common)
+        cls = tf.GPTJForCausalLM
+    elif arch == "gemma2":
+        cfg = tf.Gemma2Config(num_key_value_heads=2, head_dim=8, **small)
+        cls = tf.Gemma2ForCausalLM
+    else:
+        raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(init * torch.randn(p.shape, generator=gen))
+            elif "norm" in name or "ln" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
