@@ -123,8 +123,6 @@ class Engine:
         cfg = model.cfg
         hf = _reference_model(model)
         self.model, self.cfg = model, cfg
-        self.n_layers, self.d_vocab = cfg.n_layers, cfg.d_vocab
-        self.n_ctx = cfg.n_ctx
         family = getattr(getattr(hf, "config", None), "model_type", None)
         if hf is None and _bridge_family(model) in _HF_FAMILIES:
             raise UnsupportedArchitecture(
@@ -141,6 +139,7 @@ class Engine:
                 _check_architecture(cfg, hf)
                 w = _bridge_weights(model)
         self.family = family or "gpt2"
+        self.n_layers, self.d_vocab, self.n_ctx = cfg.n_layers, cfg.d_vocab, cfg.n_ctx
         for k, v in w.items():
             setattr(self, k, v)
         L, H, dh = self.W_Q.shape[0], self.W_Q.shape[1], self.W_Q.shape[-1]
@@ -417,24 +416,6 @@ class Engine:
             bridge = c(self.model(tokens))
             ref = c(hf(tokens).logits) if hf is not None else None
         rtol = VERIFY_RTOL.get(self.dtype, 1e-4)
-        if ref is not None:
-            tol = rtol * max(1.0, ref.abs().max().item())
-            bridge_err = (bridge - ref).abs().max().item()
-            if not bridge_err <= tol and self.family == "gpt2":
-                raise EngineMismatch(
-                    f"TransformerLens's bridge disagrees with the Hugging Face model on "
-                    f"{self.family} (max |dlogit| = {bridge_err:.3g}, tolerance {tol:.3g} in "
-                    f"{_dtype_name(self.dtype)}): the engine reads the bridge's weights, so it "
-                    "would inherit the error. mechtests refuses this model rather than report "
-                    "numbers that are not the model's.")
-            err = (ours - ref).abs().max().item()
-            if not err <= tol:
-                raise EngineMismatch(
-                    f"Engine's forward disagrees with the Hugging Face model "
-                    f"({self.family}, max |dlogit| = {err:.3g}, tolerance {tol:.3g} in "
-                    f"{_dtype_name(self.dtype)}): an architecture switch the engine does not "
-                    "know about, or weights changed after loading. Refused rather than "
-                    "approximated.")
         if self.family == "gpt2":  # the engine runs the bridge's processed weights: same forward
             tol = rtol * max(1.0, bridge.abs().max().item())
             err = (ours - bridge).abs().max().item()
@@ -445,6 +426,26 @@ class Engine:
                     "run on the bridge's folded weights: call model.enable_compatibility_mode() "
                     "before building an Engine (mechtests.models.load_model does, unless "
                     "compat=False).")
+        if ref is None:
+            return
+        tol = rtol * max(1.0, ref.abs().max().item())
+        bridge_err = (bridge - ref).abs().max().item()
+        if not bridge_err <= tol and self.family == "gpt2":
+            raise EngineMismatch(
+                f"TransformerLens's bridge disagrees with the Hugging Face model on "
+                f"{self.family} (max |dlogit| = {bridge_err:.3g}, tolerance {tol:.3g} in "
+                f"{_dtype_name(self.dtype)}): the engine reads the bridge's weights, so it "
+                "would inherit the error. mechtests refuses this model rather than report "
+                "numbers that are not the model's.")
+        err = (ours - ref).abs().max().item()
+        if not err <= tol:
+            raise EngineMismatch(
+                f"Engine's forward disagrees with the Hugging Face model "
+                f"({self.family}, max |dlogit| = {err:.3g}, tolerance {tol:.3g} in "
+                f"{_dtype_name(self.dtype)}): an architecture switch the engine does not "
+                "know about, or weights changed after loading. Refused rather than "
+                "approximated.")
+        self.verified = {"hf_max_err": err, "bridge_max_err": bridge_err, "tolerance": tol}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

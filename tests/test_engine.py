@@ -123,7 +123,7 @@ def test_unsupported_architecture_is_named():
     cfg = types.SimpleNamespace(positional_embedding_type="rotary", normalization_type="RMS",
                                 act_fn="silu", n_heads=4, n_key_value_heads=2,
                                 architecture="LlamaForCausalLM", d_vocab=10)
-    with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM.*rotary.*RMS.*silu"):
+    with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM.*rotary.*RMS.*grouped-query"):
         Engine(types.SimpleNamespace(cfg=cfg))
 
 
