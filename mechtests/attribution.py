@@ -24,19 +24,22 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 
 # -- plumbing: every forward goes through _run / _run_edited ----------------------------------
 def _engine(model: Any) -> Any:
-    """The model's cached ``Engine``, or None if unsupported.
+    """The model's cached ``Engine``; None only for a GPT-2-style model outside compatibility
+    mode, which runs through the bridge's own (TransformerLens) hooks.
 
-    Non-GPT-2 architectures and models not in compatibility mode run through the bridge's hooks.
+    An architecture the engine cannot run exactly raises ``UnsupportedArchitecture`` (a
+    ``NotImplementedError``) naming what the model has: never a fallback to hooks whose
+    numbers the suite has not checked.
     """
-    from mechtests.engine import Engine, engine_for
+    from mechtests.engine import Engine, EngineMismatch, engine_for
 
     if isinstance(model, Engine):
         return model
-    if not getattr(model, "compatibility_mode", False):
-        return None
     try:
         return engine_for(model)
-    except (NotImplementedError, ValueError):
+    except EngineMismatch:
+        if getattr(model, "compatibility_mode", False):
+            raise
         return None
 
 
@@ -115,14 +118,28 @@ def _check_head(model: Any, head: int) -> int:
 
 
 def _compat(model: Any) -> None:
-    if not getattr(model, "compatibility_mode", False):
+    if _engine(model) is None:
         raise ValueError("this attribution reads folded weights (W_U, W_O, W_out): load the model "
                          "with load_model(..., compat=True) or call "
                          "model.enable_compatibility_mode() first")
 
 
 def _w(model: Any, name: str) -> torch.Tensor:
-    return getattr(model, name).detach()
+    """A weight as the engine runs it (norm weights folded in): the numbers the views use are
+    the ones the engine verified against the Hugging Face model."""
+    eng = _engine(model)
+    return getattr(eng if eng is not None else model, name).detach()
+
+
+def _rms(model: Any) -> bool:
+    """RMSNorm reads the residual without centring it."""
+    eng = _engine(model)
+    return bool(eng is not None and eng.rms)
+
+
+def _eps(model: Any) -> float:
+    eng = _engine(model)
+    return eng.eps if eng is not None else model.cfg.eps
 
 
 def _labels(n: int) -> list[str]:
@@ -134,9 +151,9 @@ def logit_direction(model: Any, answer_ids: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prompt unembedding direction and bias: ``W_U[:, a] - W_U[:, c]``, ``b_U[a] - b_U[c]``.
 
-    The direction is mean-centred over d_model, which is the same as centring the residual
-    stream before it is read (LayerNorm's centring). Without counterfactuals it is the answer
-    logit itself.
+    Under LayerNorm the direction is mean-centred over d_model, which is the same as centring
+    the residual stream before it is read; RMSNorm does not centre, so neither does the
+    direction. Without counterfactuals it is the answer logit itself.
     """
     _compat(model)
     w_u, b_u = _w(model, "W_U"), _w(model, "b_U")
@@ -148,7 +165,7 @@ def logit_direction(model: Any, answer_ids: torch.Tensor,
             raise ValueError(f"answer_ids {tuple(a.shape)} and counterfactual_ids "
                              f"{tuple(c.shape)} must have one id per prompt")
         d, b = d - w_u[:, c].T, b - b_u[c]
-    return d - d.mean(-1, keepdim=True), b
+    return (d if _rms(model) else d - d.mean(-1, keepdim=True)), b
 
 
 def _direction_setup(model, tokens, answer_ids, counterfactual_ids, pos):
@@ -182,6 +199,9 @@ def logit_attribution(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
     toks, p, d, bias = _direction_setup(model, tokens, answer_ids, counterfactual_ids, pos)
     n_layers = model.cfg.n_layers
     names, sites = ["embed", "pos_embed"], ["hook_embed", "hook_pos_embed"]
+    eng = _engine(model)
+    if eng is not None and eng.W_pos is None:  # rotary models: no positional embedding
+        names, sites = names[:1], sites[:1]
     for layer in range(n_layers):
         names += [f"attn_{layer}", f"mlp_{layer}"]
         sites += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
@@ -265,9 +285,10 @@ def logit_lens(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
     labels, sites = _resid_sites(model.cfg.n_layers, incl_mid)
     logits, acts = _run(model, toks, [*sites, "ln_final.hook_scale"])
     x = torch.stack([_at(acts[s], p) for s in sites], 1)                       # [n, S, d]
-    x = x - x.mean(-1, keepdim=True)
+    if not _rms(model):
+        x = x - x.mean(-1, keepdim=True)
     if recompute_ln:
-        scale = (x.pow(2).mean(-1) + model.cfg.eps).sqrt()                     # [n, S]
+        scale = (x.pow(2).mean(-1) + _eps(model)).sqrt()                       # [n, S]
     else:
         scale = _at(acts["ln_final.hook_scale"], p)[:, 0, None]                # [n, 1]
     per = torch.einsum("nsd,nd->ns", x, d) / scale + bias[:, None]
@@ -299,6 +320,9 @@ def unembed_null_space(model: Any, k: int | None = None) -> torch.Tensor:
     k = max(1, math.ceil(0.02 * d_model)) if k is None else k
     if not 1 <= k < d_model:
         raise ValueError(f"k={k}: choose 1 <= k < d_model={d_model}")
+    if _rms(model):  # RMSNorm keeps the all-ones direction: nothing to exclude
+        u, _, _ = torch.linalg.svd(w_u, full_matrices=False)
+        return u[:, -k:]
     ones = torch.full((d_model, 1), d_model ** -0.5, device=w_u.device)
     # orthonormal basis of the complement of the all-ones direction
     basis = torch.linalg.qr(torch.cat([ones, torch.eye(d_model, device=w_u.device)], 1))[0]
@@ -316,7 +340,8 @@ def unembed_null_fraction(model: Any, k: int | None = None) -> Result:
     """
     null = unembed_null_space(model, k)
     w = _w(model, "W_out").float()
-    w = w - w.mean(-1, keepdim=True)
+    if not _rms(model):
+        w = w - w.mean(-1, keepdim=True)
     frac = (w @ null).pow(2).sum(-1) / w.pow(2).sum(-1).clamp_min(1e-30)
     return Result("unembed null-space fraction", ("layer", "neuron"),
                   {"layer": _labels(w.shape[0]), "neuron": _labels(w.shape[1])}, frac,
@@ -356,7 +381,7 @@ def neuron_ablation_effect(model: Any, tokens: Tokens, layer: int, neurons: Sequ
     for i in range(0, idx.numel(), chunk):
         part = idx[i:i + chunk].to(toks.device)
         k = part.numel()
-        mask = torch.zeros(k, 1, 1, d_mlp, device=toks.device)
+        mask = torch.zeros(k, 1, 1, d_mlp, device=toks.device, dtype=mean_act.dtype)
         mask[torch.arange(k), 0, 0, part] = 1.0
         value = mean_act if how == "mean" else torch.zeros_like(mean_act)
 

@@ -155,10 +155,33 @@ def _run(engine: Engine, tokens, want: Iterable[str], metric: Metric, rp) -> _Ru
 
 
 def _stage_name(engine: Engine, stage: int) -> str:
+    stage = _entry_stage(engine, stage)
     layer, odd = divmod(stage, 2)
     if layer == engine.n_layers:
         return f"blocks.{layer - 1}.hook_resid_post"
     return f"blocks.{layer}.hook_resid_{'mid' if odd else 'pre'}"
+
+
+def _entry_stage(engine: Engine, stage: int) -> int:
+    """Where a change enters: in a parallel block (attention and MLP both read resid_pre) a
+    change to the attention output does not reach its own layer's MLP, so it enters at the
+    next layer's input, where it adds the same amount."""
+    return stage + stage % 2 if engine.parallel else stage
+
+
+def _check_supported(engine: Engine, site: str, what: str = "patching") -> None:
+    """Refuse, by name, the sites whose exact patch the engine lacks for this architecture."""
+    from mechtests.engine import UnsupportedArchitecture
+
+    if site == "resid_mid" and engine.parallel:
+        raise UnsupportedArchitecture(
+            f"{engine.family} has parallel attention and MLP blocks: there is no resid_mid "
+            "(both read resid_pre). Patch resid_pre, attn_out or mlp_out instead.")
+    if site in ("k", "v") and engine.group > 1 and what != "patching":
+        raise UnsupportedArchitecture(
+            f"{what} of {site} on {engine.family}: its {engine.n_heads} query heads share "
+            f"{engine.n_kv_heads} key-value heads (grouped-query attention), which {what} "
+            "does not implement; sweep() patches k and v per key-value head.")
 
 
 # -- the core ---------------------------------------------------------------------------------
@@ -186,8 +209,9 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
     noop = [i for i, k in enumerate(patches.keys) if patches.span(k)[1] < same_before]
     out[noop] = base.metric
     skip = set(noop)
+    stage_of = lambda k: _entry_stage(engine, patches.stage(k))  # noqa: E731
     order = sorted((i for i in range(len(patches.keys)) if i not in skip),
-                   key=lambda i: (p0_of[i], patches.stage(patches.keys[i])))
+                   key=lambda i: (p0_of[i], stage_of(patches.keys[i])))
     kv = [(base.cache.get(f"blocks.{lay}.attn.hook_k"), base.cache.get(f"blocks.{lay}.attn.hook_v"))
           for lay in range(engine.n_layers)]
     groups = [(p0, list(g)) for p0, g in groupby(order, key=lambda i: p0_of[i])]
@@ -205,7 +229,7 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
         for c in range(0, len(group), chunk):
             part = group[c:c + chunk]
             entries = {}
-            for stage, idx in groupby(part, key=lambda i: patches.stage(patches.keys[i])):
+            for stage, idx in groupby(part, key=lambda i: stage_of(patches.keys[i])):
                 keys = [patches.keys[i] for i in idx]
                 resid = base.cache[_stage_name(engine, stage)][:, None, p0:]
                 entries[stage] = resid + patches.delta(keys, p0)
@@ -254,34 +278,45 @@ def _head_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Pa
             if site == "z":
                 memo[lay] = src[name(lay, "z")]
             elif site == "pattern":
-                memo[lay] = torch.einsum("nhqk,nkhe->nqhe", src[name(lay, "pattern")], v)
+                memo[lay] = torch.einsum("nhqk,nkhe->nqhe", src[name(lay, "pattern")],
+                                         v.repeat_interleave(engine.group, 2))
             elif site == "v":
-                memo[lay] = torch.einsum("nhqk,nkhe->nqhe", pat, src[name(lay, "v")])
+                memo[lay] = torch.einsum("nhqk,nkhe->nqhe", pat,
+                                         src[name(lay, "v")].repeat_interleave(engine.group, 2))
             else:
                 q, k = (src[name(lay, "q")], k) if site == "q" else (q, src[name(lay, "k")])
                 memo[lay] = _attend(engine, q, k, v)
         return memo[lay]
 
     def delta(ks, p0):
-        lay = ks[0][0]
-        heads = torch.tensor([k[1] for k in ks], device=base.tokens.device)
-        z = b[name(lay, "z")][:, :, heads].transpose(1, 2)  # [N,P,T,dh]
+        """Keys index query heads, or key-value heads for k and v: a key-value head feeds a
+        group of G query heads (grouped-query attention), whose outputs all change."""
+        lay, dev = ks[0][0], base.tokens.device
+        G = engine.group if site in ("k", "v") else 1
+        idx = torch.tensor([k[1] for k in ks], device=dev)
+        qh = idx[:, None] * G + torch.arange(G, device=dev)  # [P, G] query heads
+        z = b[name(lay, "z")][:, :, qh].permute(0, 2, 3, 1, 4)  # [N,P,G,T,dh]
         if len(ks[0]) == 2 or site in ("z", "q", "pattern"):
-            dz = new_z_all(lay)[:, p0:, heads].transpose(1, 2) - z[:, :, p0:]
+            dz = new_z_all(lay)[:, p0:, qh].permute(0, 2, 3, 1, 4) - z[:, :, :, p0:]
             if len(ks[0]) == 3:  # by position: only row p0 changes
-                dz = _first_row(dz)
+                dz[:, :, :, 1:] = 0
         elif site == "v":  # queries >= p0 see the new value at p0 with the old weight
-            pat = b[name(lay, "pattern")][:, heads, p0:, p0]  # [N,P,t]
-            dv = (src[name(lay, "v")] - b[name(lay, "v")])[:, p0, heads]  # [N,P,dh]
-            dz = pat[..., None] * dv[:, :, None]
+            pat = b[name(lay, "pattern")][:, qh, p0:, p0]  # [N,P,G,t]
+            dv = (src[name(lay, "v")] - b[name(lay, "v")])[:, p0, idx]  # [N,P,dh]
+            dz = pat[..., None] * dv[:, :, None, None]
         else:  # k at p0: column p0 of the scores changes for queries >= p0
-            q = b[name(lay, "q")][:, p0:, heads].transpose(1, 2)  # [N,P,t,dh]
-            kn = src[name(lay, "k")][:, p0, heads]  # [N,P,dh]
-            scores = b[f"blocks.{lay}.attn.hook_attn_scores"][:, heads, p0:].clone()
-            scores[..., p0] = (q * kn[:, :, None]).sum(-1) * engine.scale
-            v = b[name(lay, "v")][:, :, heads].transpose(1, 2)  # [N,P,T,dh]
-            dz = scores.softmax(-1) @ v - z[:, :, p0:]
-        return torch.einsum("npte,ped->nptd", dz, engine.W_O[lay, heads])
+            N, T = base.tokens.shape
+            P = len(ks)
+            q = b[name(lay, "q")][:, p0:, qh].reshape(N, T - p0, P * G, -1)
+            q = engine.rotate(q, torch.arange(p0, T, device=dev)).view(N, T - p0, P, G, -1)
+            kn = engine.rotate(src[name(lay, "k")][:, p0:p0 + 1, idx],
+                               torch.tensor([p0], device=dev))[:, 0]  # [N,P,dh]
+            scores = b[f"blocks.{lay}.attn.hook_attn_scores"][:, qh, p0:].clone()
+            scores[..., p0] = (q.permute(0, 2, 3, 1, 4) * kn[:, :, None, None]).sum(-1) \
+                * engine.scale
+            v = b[name(lay, "v")][:, :, idx].permute(0, 2, 1, 3)[:, :, None]  # [N,P,1,T,dh]
+            dz = scores.float().softmax(-1).to(v.dtype) @ v - z[:, :, :, p0:]
+        return torch.einsum("npgte,pged->nptd", dz, engine.W_O[lay][qh])
 
     layers = {k[0] for k in keys}
     need = {"z": ("z",), "q": ("k", "v"), "k": ("q", "v", "attn_scores", "pattern"),
@@ -297,9 +332,12 @@ def _head_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Pa
 def _attend(engine: Engine, q, k, v) -> torch.Tensor:
     """Causal attention of TL-shaped q, k, v ``[N,T,H,dh]`` -> z ``[N,T,H,dh]``."""
     T = q.shape[1]
+    pos = torch.arange(T, device=q.device)
+    q, k = engine.rotate(q, pos), engine.rotate(k, pos)
+    k, v = k.repeat_interleave(engine.group, 2), v.repeat_interleave(engine.group, 2)
     s = torch.einsum("nqhe,nkhe->nhqk", q, k) * engine.scale
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return torch.einsum("nhqk,nkhe->nqhe", s.softmax(-1), v)
+    return torch.einsum("nhqk,nkhe->nqhe", s.float().softmax(-1).to(v.dtype), v)
 
 
 def _neuron_patches(engine: Engine, keys, positions: list[int], base: _Run,
@@ -367,13 +405,16 @@ def sweep(engine: Engine, site: str, clean, corrupted, metric: Metric,
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' (clean into corrupted) or 'noise' "
                          f"(corrupted into clean), not {direction!r}")
+    _check_supported(engine, site)
+    n_heads = engine.n_kv_heads if site in ("k", "v") else engine.n_heads
     clean, corrupted = _pair(engine, clean, corrupted)
     N, T = clean.shape
     rp = _read_positions(read_pos, N, T, clean.device)
     ranges = {"layer": _check_range("layer", range(engine.n_layers) if layers is None else layers,
                                     engine.n_layers),
-              "head": _check_range("head", range(engine.n_heads) if heads is None else heads,
-                                   engine.n_heads),
+              "head": _check_range("head", range(n_heads) if heads is None else heads, n_heads,
+                                   " (key-value heads: grouped-query attention)"
+                                   if n_heads < engine.n_heads else ""),
               "pos": _check_range("position", range(T) if positions is None else positions, T,
                                   f" (the prompt has {T} tokens)"),
               "neuron": _check_range("neuron", range(engine.d_mlp) if neurons is None else neurons,
@@ -594,6 +635,13 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
     """
     if component not in ("q", "k", "v"):
         raise ValueError(f"path_patch component must be 'q', 'k' or 'v', not {component!r}")
+    _check_supported(engine, component, "path patching")
+    if engine.q_norm is not None:
+        from mechtests.engine import UnsupportedArchitecture
+
+        raise UnsupportedArchitecture(
+            f"path patching on {engine.family}: its q/k norm (a norm per head after the "
+            "projection) is not implemented in path patching's recomputed inputs")
     if isinstance(receivers, str):
         receivers = [receivers]
     recv = []
@@ -655,9 +703,7 @@ def _path_edit(engine: Engine, layer: int, heads: list[int], write: torch.Tensor
     """Recompute the receivers' q/k/v from their own residual input plus the sender write."""
     def edit(act: torch.Tensor) -> torch.Tensor:  # act [N*P, T, H, dh]
         x = edit.ctx.cache[f"blocks.{layer}.hook_resid_pre"]  # [N*P, T, d]
-        x = x + write.reshape(x.shape)
-        x = x - x.mean(-1, keepdim=True)
-        x = x / (x.pow(2).mean(-1, keepdim=True) + engine.eps).sqrt()
+        x = engine.normalize(x + write.reshape(x.shape))
         act = act.clone()
         for h in heads:
             act[:, :, h] = x @ W[layer, h] + b[layer, h]
@@ -724,7 +770,7 @@ def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequenc
         else:  # [N,L,T,d_mlp]
             vals = prod[:, :, pos].sum(2)
         labels = {"layer": [str(i) for i in range(engine.n_layers)],
-                  "head": [str(i) for i in range(engine.n_heads)],
+                  "head": [str(i) for i in range(vals.shape[2] if site in HEAD_SITES else 0)],
                   "pos": _pos_labels(engine, clean),
                   "neuron": [str(i) for i in range(engine.d_mlp)]}
         vals = vals.detach()
