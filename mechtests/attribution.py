@@ -279,9 +279,13 @@ def logit_lens(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
     the unembedding bias, so ``final_post`` equals the actual metric. ``recompute_ln=True`` (TL
     4.x ``accumulated_resid(apply_ln=True)``) normalises each stream by its own scale;
     ``False`` divides all by the full run's cached final scale (TL 2/3 ``apply_ln_to_stack``),
-    which keeps the entries linear in the stream.
+    which keeps the entries linear in the stream. Models with parallel attention and MLP
+    (GPT-J, most Pythia) have no ``_mid`` entries.
     """
     toks, p, d, bias = _direction_setup(model, tokens, answer_ids, counterfactual_ids, pos)
+    eng = _engine(model)
+    if eng is not None and eng.parallel:  # parallel blocks have no resid_mid
+        incl_mid = False
     labels, sites = _resid_sites(model.cfg.n_layers, incl_mid)
     logits, acts = _run(model, toks, [*sites, "ln_final.hook_scale"])
     x = torch.stack([_at(acts[s], p) for s in sites], 1)                       # [n, S, d]

@@ -1,0 +1,150 @@
+"""Every family the engine runs is exact against a fresh Hugging Face model and a hook loop.
+
+Tiny random checkpoints (``save_arch_checkpoint``) with weights drawn at std 0.25 and perturbed
+norms and biases, so logits and patching effects are O(1-10): at GPT-2's 0.02 init every effect
+is ~1e-3 and agreement at 1e-4 would prove little. Each sweep site is compared, cell by cell,
+with a loop that patches one cell per forward through ``Engine.run``'s edits (the TL-hook way),
+which shares none of the sweep's batching, windowing, stage entry or head recomputation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechtests import patching
+from mechtests.attribution import head_attribution, logit_attribution, logit_lens
+from mechtests.engine import Engine, UnsupportedArchitecture
+from mechtests.models import load_model
+from mechtests.testing import save_arch_checkpoint
+
+ARCHS = ("neox", "neox_serial", "gptj", "llama", "qwen2", "qwen3")
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request, tmp_path_factory):
+    path = save_arch_checkpoint(tmp_path_factory.mktemp(request.param) / "m", request.param)
+    model = load_model(str(path), device="cpu")
+    return request.param, path, model, Engine(model)
+
+
+def _tokens(engine, seed=0, n=2, T=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, engine.d_vocab, (n, T), generator=g)
+
+
+def test_logits_match_fresh_hugging_face_model(arch):
+    from transformers import AutoModelForCausalLM
+
+    _, path, _, engine = arch
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    tokens = _tokens(engine, seed=3, n=3, T=12)
+    ours, _ = engine.run(tokens)
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    assert ref.abs().max() > 2  # the check is not on near-zero logits
+    assert (ours - ref).abs().max() < ATOL
+
+
+METRIC = staticmethod(lambda lg: lg[..., 3] - lg[..., 5])
+
+
+def _hook_loop(engine, site, by, clean, corrupted, metric):
+    """One forward per cell, patching clean activations into the corrupted run by TL hooks."""
+    hook = {**{s: h for s, (h, _) in patching.RESID_SITES.items()}, **patching.HEAD_SITES,
+            **patching.NEURON_SITES}[site]
+    L, T = engine.n_layers, clean.shape[1]
+    names = [f"blocks.{la}.{hook}" for la in range(L)]
+    _, src = engine.run(clean, names)
+    n_heads = engine.n_kv_heads if site in ("k", "v") else engine.n_heads
+    sizes = {"layer": L, "pos": T, "head": n_heads, "neuron": engine.d_mlp}
+    out = torch.empty(*(sizes[a] for a in by), clean.shape[0])
+    for key in torch.cartesian_prod(*(torch.arange(sizes[a]) for a in by)).reshape(
+            -1, len(by)).tolist():
+        k = dict(zip(by, key))
+        la = k["layer"]
+
+        def edit(act, la=la, k=k):
+            act, s = act.clone(), src[names[la]]
+            if site in patching.RESID_SITES:
+                idx = (slice(None), k.get("pos", slice(None)))
+            elif site == "pattern":  # [N,H,q,k]: pos is the query
+                idx = (slice(None), k["head"], k.get("pos", slice(None)))
+            elif site in patching.HEAD_SITES:  # [N,T,H,dh]
+                idx = (slice(None), k.get("pos", slice(None)), k["head"])
+            else:  # mlp_post at every position
+                idx = (slice(None), slice(None), k["neuron"])
+            act[idx] = s[idx]
+            return act
+
+        lg, _ = engine.run(corrupted, edits={names[la]: edit}, logits_at=-1)
+        out[tuple(key)] = metric(lg)
+    return out.movedim(-1, 0)
+
+
+CASES = [("resid_pre", ("layer", "pos")), ("resid_mid", ("layer", "pos")),
+         ("resid_post", ("layer", "pos")), ("attn_out", ("layer", "pos")),
+         ("mlp_out", ("layer", "pos")), ("z", ("layer", "head")),
+         ("z", ("layer", "head", "pos")), ("q", ("layer", "head")),
+         ("q", ("layer", "head", "pos")), ("k", ("layer", "head")),
+         ("k", ("layer", "head", "pos")), ("v", ("layer", "head")),
+         ("v", ("layer", "head", "pos")), ("pattern", ("layer", "head")),
+         ("pattern", ("layer", "head", "pos")), ("mlp_post", ("layer", "neuron"))]
+
+
+@pytest.mark.parametrize("site,by", CASES, ids=[f"{s}-{'/'.join(b)}" for s, b in CASES])
+def test_sweep_equals_hook_loop(arch, site, by):
+    name, _, _, engine = arch
+    clean = _tokens(engine, seed=1)
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 7) % engine.d_vocab
+    corrupted[:, 4] = (clean[:, 4] + 3) % engine.d_vocab
+    metric = lambda lg: lg[..., 3] - lg[..., 5]  # noqa: E731
+    if site == "resid_mid" and engine.parallel:
+        with pytest.raises(UnsupportedArchitecture, match="parallel attention and MLP"):
+            patching.sweep(engine, site, clean, corrupted, metric, by=by)
+        return
+    res = patching.sweep(engine, site, clean, corrupted, metric, by=by)
+    ref = _hook_loop(engine, site, by, clean, corrupted, metric)
+    assert res.per_prompt.shape == ref.shape
+    base = res.meta["corrupted_per_prompt"]
+    effect = (ref - torch.tensor(base).view(-1, *[1] * (ref.dim() - 1))).abs().max()
+    if site not in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out") \
+            or "pos" in by:
+        assert effect > 0.05, f"{name} {site}: effects too small ({effect:.3g}) to test"
+    assert (res.per_prompt - ref).abs().max() < ATOL, name
+
+
+def test_attribution_views_add_up_to_the_metric(arch):
+    """DLA components + b_U give the true logit difference, and the logit lens's final entry
+    is it, on LayerNorm and RMSNorm models alike (RMSNorm does not centre)."""
+    _, _, model, engine = arch
+    tokens = _tokens(engine, seed=4, n=3, T=7)
+    a, c = torch.tensor([3, 4, 6]), torch.tensor([5, 8, 9])
+    logits, _ = engine.run(tokens, logits_at=-1)
+    truth = logits.gather(-1, a[:, None])[:, 0] - logits.gather(-1, c[:, None])[:, 0]
+    assert truth.abs().max() > 0.5
+    dla = logit_attribution(model, tokens, a, c)
+    total = dla.per_prompt.sum(1) + torch.tensor(dla.meta["b_U"])
+    assert (total - truth).abs().max() < ATOL
+    heads = head_attribution(model, tokens, a, c)
+    per_layer = heads.per_prompt.sum(2) + torch.tensor(heads.meta["b_O"])
+    attn = dla.per_prompt[:, [dla.labels["component"].index(f"attn_{la}")
+                              for la in range(engine.n_layers)]]
+    assert (per_layer - attn).abs().max() < ATOL
+    lens = logit_lens(model, tokens, a, c)
+    assert (lens.per_prompt[:, -1] - truth).abs().max() < ATOL
+
+
+def test_path_patching_refuses_what_it_lacks(arch):
+    _, _, _, engine = arch
+    clean = _tokens(engine, seed=1)
+    corrupted = (clean + 1) % engine.d_vocab
+    metric = lambda lg: lg[..., 3] - lg[..., 5]  # noqa: E731
+    if engine.group > 1:
+        with pytest.raises(UnsupportedArchitecture, match="grouped-query"):
+            patching.path_patch(engine, clean, corrupted, metric, ["1.0"], component="k")
+    elif engine.q_norm is None:
+        res = patching.path_patch(engine, clean, corrupted, metric, ["1.0"], component="k")
+        assert res.per_prompt.shape[1:] == (engine.n_layers, engine.n_heads)
