@@ -313,3 +313,16 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
             entry = {"error": f"{item.nodeid}: {exc}"}
         item.user_properties.append((PREFIX + "mutation", entry))
     return result
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function):
+    """A claim on a model the engine cannot run exactly is skipped with the engine's reason
+    (what the model has, what is missing), not reported as failed or errored."""
+    from mechtests.engine import UnsupportedArchitecture
+
+    outcome = yield
+    exc = outcome.excinfo[1] if outcome.excinfo else None
+    if isinstance(exc, UnsupportedArchitecture) and "subject" in pyfuncitem.fixturenames:
+        outcome.force_exception(pytest.skip.Exception(f"unsupported architecture: {exc}",
+                                                      _use_item_location=True))

@@ -148,3 +148,93 @@ def test_path_patching_refuses_what_it_lacks(arch):
     elif engine.q_norm is None:
         res = patching.path_patch(engine, clean, corrupted, metric, ["1.0"], component="k")
         assert res.per_prompt.shape[1:] == (engine.n_layers, engine.n_heads)
+
+
+# -- refusals: never a silently wrong number ----------------------------------------------------
+def _save(path, model):
+    from mechtests.testing import WORDS, word_tokenizer
+
+    model.save_pretrained(path)
+    word_tokenizer(WORDS).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+    path = save_arch_checkpoint(tmp_path_factory.mktemp("gemma2") / "m", "gemma2")
+    return load_model(str(path), device="cpu")
+
+
+def test_gemma2_every_view_refuses_naming_what_it_has(gemma2):
+    from mechtests.engine import engine_for
+    from mechtests.heads import head_scores, induction_scores
+
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    a, c = torch.tensor([3]), torch.tensor([5])
+    views = [lambda: Engine(gemma2), lambda: engine_for(gemma2),
+             lambda: logit_attribution(gemma2, tokens, a, c),
+             lambda: head_attribution(gemma2, tokens, a, c),
+             lambda: logit_lens(gemma2, tokens, a, c),
+             lambda: head_scores(gemma2, tokens, "previous_token"),
+             lambda: induction_scores(gemma2, n_tokens=4, batch=1)]
+    for view in views:
+        with pytest.raises(UnsupportedArchitecture,
+                           match=r"Gemma2ForCausalLM.*softcapping.*sliding_window.*runs GPT-2"):
+            view()
+
+
+def test_gpt2_unscaled_attention_is_refused(tmp_path):
+    """``scale_attn_weights=False``: the bridge scales anyway (logits off by ~3); refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                     scale_attn_weights=False, bos_token_id=0, eos_token_id=0)
+    model = load_model(str(_save(tmp_path / "m", GPT2LMHeadModel(cfg))), device="cpu")
+    with pytest.raises(UnsupportedArchitecture, match="scale_attn_weights=False"):
+        Engine(model)
+
+
+def test_bridge_that_disagrees_with_hugging_face_is_refused(tmp_path, monkeypatch):
+    """Without the named check, the self-check against a fresh HF model still refuses it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mechtests import engine as engine_mod
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                     scale_attn_weights=False, bos_token_id=0, eos_token_id=0,
+                     initializer_range=0.3)
+    model = load_model(str(_save(tmp_path / "m", GPT2LMHeadModel(cfg))), device="cpu")
+    monkeypatch.setattr(engine_mod, "_check_architecture", lambda cfg, hf=None: None)
+    with pytest.raises(engine_mod.EngineMismatch, match="bridge disagrees with the Hugging Face"):
+        Engine(model)
+
+
+def test_opt_projected_embedding_is_refused(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=40, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=16)
+    model = load_model(str(_save(tmp_path / "m", OPTForCausalLM(cfg))), device="cpu")
+    with pytest.raises(UnsupportedArchitecture, match="projected embedding.*opt-350m"):
+        Engine(model)
+
+
+def test_induction_exists_runs_on_pythia_and_llama_and_skips_gemma2(tmp_path):
+    """The claim meant for any model measures tiny random Pythia and Llama checkpoints (and
+    fails: random weights have no induction head) and skips Gemma2 with the engine's reason."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    specs = [save_arch_checkpoint(tmp_path / a, a) for a in ("neox", "llama", "gemma2")]
+    cmd = [sys.executable, "-m", "pytest", str(root / "claims" / "test_induction.py"), "-q",
+           "-rs", "-p", "no:cacheprovider", "-k", "some_head_does_induction"]
+    for s in specs:
+        cmd += ["--model", str(s)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600).stdout
+    assert "2 failed, 1 skipped" in out, out[-3000:]
+    assert out.count("best induction score") >= 2
+    assert "unsupported architecture: Engine has no exact implementation for Gemma2" in out
