@@ -118,10 +118,14 @@ def _check_head(model: Any, head: int) -> int:
 
 
 def _compat(model: Any) -> None:
-    if _engine(model) is None:
-        raise ValueError("this attribution reads folded weights (W_U, W_O, W_out): load the model "
-                         "with load_model(..., compat=True) or call "
-                         "model.enable_compatibility_mode() first")
+    """The folded weights are there: the bridge's in compatibility mode, or the engine's."""
+    if getattr(model, "compatibility_mode", False):
+        return
+    if hasattr(model, "parameters") and _engine(model) is not None:
+        return
+    raise ValueError("this attribution reads folded weights (W_U, W_O, W_out): load the model "
+                     "with load_model(..., compat=True) or call "
+                     "model.enable_compatibility_mode() first")
 
 
 def _w(model: Any, name: str) -> torch.Tensor:
