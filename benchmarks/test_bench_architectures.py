@@ -1,0 +1,63 @@
+"""Rotary families against TransformerLens: a Pythia-160m-shaped GPT-NeoX (partial rotary,
+parallel attention and MLP) and a Llama-shaped model (RMSNorm, gated MLP, grouped-query
+attention, 12 layers at d_model 768), random weights, ``resid_pre`` by (layer, pos). The two
+implementations must agree; ``--benchmark-only`` times them in the same run.
+"""
+
+from __future__ import annotations
+
+import pytest
+from cases import assert_agree, cells, prompts, run_ours, run_tl
+
+SHAPES = {
+    # EleutherAI/pythia-160m's config: 12 x 12 heads, d_model 768, rotary_pct 0.25, parallel
+    "pythia-160m": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, rotary_pct=0.25, use_parallel_residual=True,
+        max_position_embeddings=2048)),
+    # a Llama of GPT-2 small's size: 12 query heads sharing 4 key-value heads
+    "llama-160m": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)),
+}
+IMPLS = ("transformer_lens", "mechtests")
+_built: dict = {}
+_results: dict = {}
+
+
+def _model(tmp_path_factory, shape: str):
+    if shape not in _built:
+        import torch
+        import transformers as tf
+
+        from mechtests.engine import Engine
+        from mechtests.models import load_model
+        from mechtests.testing import WORDS, word_tokenizer
+
+        cfg_cls, model_cls, kw = SHAPES[shape]
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(shape) / "model"
+        getattr(tf, model_cls)(getattr(tf, cfg_cls)(bos_token_id=0, eos_token_id=0, **kw)) \
+            .save_pretrained(path)
+        word_tokenizer(WORDS).save_pretrained(path)
+        model = load_model(str(path), device="cpu")
+        _built[shape] = model, Engine(model)
+    return _built[shape]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_bench_rotary(benchmark, tmp_path_factory, shape, impl):
+    model, engine = _model(tmp_path_factory, shape)
+    clean, corrupted = prompts(11, 1, vocab=engine.d_vocab)
+    sub = cells("resid_pre", "T11xN1", not benchmark.disabled)
+    benchmark.group = f"resid_pre T11xN1 {shape}"
+    ours = impl == "mechtests"
+    fn = (lambda: run_ours(engine, "resid_pre", clean, corrupted, sub)) if ours \
+        else (lambda: run_tl(model, "resid_pre", clean, corrupted, sub))
+    _results[shape, impl] = benchmark.pedantic(fn, rounds=3 if ours else 1, iterations=1)
+    other = "transformer_lens" if ours else "mechtests"
+    if (shape, other) not in _results:
+        _results[shape, other] = run_tl(model, "resid_pre", clean, corrupted, sub) if ours \
+            else run_ours(engine, "resid_pre", clean, corrupted, sub)
+    assert_agree("resid_pre", _results[shape, "mechtests"], _results[shape, "transformer_lens"])
