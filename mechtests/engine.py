@@ -260,8 +260,6 @@ class Engine:
         scale = _tap(ctx, f"{name}.hook_scale", scale.to(x.dtype), to_tl, from_tl)
         return _tap(ctx, f"{name}.hook_normalized", x / scale, to_tl, from_tl)
 
-    _ln = normalize  # the name the rest of the package used for GPT-2's LayerNorm
-
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of ``x`` ``[..., T, heads, dh]`` at positions ``pos`` ``[T]``."""
         if self.rotary is None:
