@@ -63,7 +63,7 @@ _ONLY = {"hook_pos_embed": "learned positions", "blocks.L.hook_resid_mid": "a se
 # activation to 8 (bfloat16) or 11 (float16) mantissa bits, and the two forwards round in
 # different places (HF keeps norms and softmax in float32), so they drift apart by a few units of
 # the dtype's epsilon per layer. Measured worst cases are in the README and tests/test_dtypes.py.
-VERIFY_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 0.08,
+VERIFY_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 0.08,
                torch.float16: 0.02}
 
 
@@ -413,7 +413,7 @@ class Engine:
             ours = c(self.run(tokens)[0])
             bridge = c(self.model(tokens))
             ref = c(hf(tokens).logits) if hf is not None else None
-        rtol = VERIFY_RTOL.get(self.dtype, 1e-4)
+        rtol = VERIFY_RTOL.get(self.dtype, 1e-3)
         if self.family == "gpt2":  # the engine runs the bridge's processed weights: same forward
             tol = rtol * max(1.0, bridge.abs().max().item())
             err = (ours - bridge).abs().max().item()
@@ -460,6 +460,9 @@ def _reference_model(model):
     """A fresh Hugging Face model from the bridge's checkpoint directory (safetensors only, no
     remote code, no download), independent of the bridge's own processing, in its dtype; or
     None when the bridge does not say where its checkpoint is."""
+    held = getattr(model, "mechtests_reference", None)  # a model built in memory (a mutant)
+    if held is not None:
+        return held
     spec = getattr(model, "mechtests_spec", None)
     path = getattr(spec, "path", None)
     if path is None:

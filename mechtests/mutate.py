@@ -238,12 +238,16 @@ def build_mutant(model: Any, mutant: Mutant) -> Any:
     with torch.no_grad():
         sd = hf.state_dict()  # shares storage with hf's parameters: edits land in the model
         mutant.edit(sd, cfg)
+    import copy
+
+    reference = copy.deepcopy(hf).eval()  # the engine checks itself against the mutant, untouched
     bridge = TransformerBridge.boot_transformers(
         str(spec.path), hf_model=hf, device=param.device, dtype=param.dtype,
         tokenizer=model.tokenizer)
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     bridge.mechtests_spec = spec  # type: ignore[attr-defined]
+    bridge.mechtests_reference = reference  # type: ignore[attr-defined]
     return bridge
 
 
