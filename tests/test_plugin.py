@@ -101,7 +101,8 @@ def test_broken_checkpoint_reported_once_in_full_then_one_line(pytester, tiny_mo
     sd["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
     pytester.makepyfile(CLAIM)
-    res = pytester.runpytest("--model", str(d), "-p", "no:mechtests-report-plugin")
+    # -rN: no short summary (under CI=true pytest prints its messages in full, a second copy)
+    res = pytester.runpytest("--model", str(d), "-p", "no:mechtests-report-plugin", "-rN")
     res.assert_outcomes(errors=4)
     out = res.stdout.str()
     assert "Traceback" not in out and "load_model" not in out
