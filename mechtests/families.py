@@ -59,8 +59,10 @@ def gpt2_ioi(order: str) -> PromptFamily:
 RECALL_FIRST = ["Michelle", "John", "Mary", "David", "Sarah", "James"]
 RECALL_SURNAMES = [("Jones", "Smith"), ("Brown", "Wilson"), ("Taylor", "Davis"),
                    ("Miller", "Moore"), ("Johnson", "Williams"), ("Clark", "Lewis")]
+# GPT-2's tokenizer splits both into 11 tokens (" top" "-" "not" "ch"; " well" "-" "known"), so
+# the family runs as one batch with the surname at position 1 and the query at 10
 RECALL_TEMPLATES = ["{FIRST} {SURNAME} was a top-notch student. {Q}",
-                    "{FIRST} {SURNAME} was a great teacher. {Q}"]
+                    "{FIRST} {SURNAME} was a well-known local writer. {Q}"]
 
 
 def gpt2_name_recall_michelle() -> PromptFamily:
