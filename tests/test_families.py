@@ -36,8 +36,10 @@ def test_recall_and_contraction_and_gender():
     assert m.prompts[0].clean == "Michelle Jones was a top-notch student. Michelle"
     assert m.prompts[0].corrupted == "Michelle Smith was a top-notch student. Michelle"
     assert not m.prepend_bos
+    r = F.gpt2_name_recall()
+    assert len(r) == 12 and r.prompts[0].clean == m.prompts[0].clean
     c = F.gpt2_contraction()
-    assert len(c) == 28
+    assert len(c) == 14 and len({p.clean.split()[0] for p in c.prompts}) == 4
     assert c.prompts[0].clean == "We're helping our friend while they"
     assert c.prompts[0].corrupted == "We are helping our friend while they"
     assert (c.prompts[0].answer, c.prompts[0].counterfactual) == ("'re", " are")
