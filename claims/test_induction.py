@@ -193,8 +193,10 @@ def test_some_head_does_induction(subject, record):
     holds(model.cfg.n_layers, ">=", 2, "layers in the model",
           "induction needs a head after the first layer to read what an earlier one wrote",
           record, kind="sanity")
-    specials = model.tokenizer.all_special_ids
-    vocab = (max(specials, default=-1) + 1, min(model.cfg.d_vocab, 20000))
+    # ids above the special tokens at the start of the vocabulary (an organism's <bos> <unk>);
+    # GPT-2's one special token is its last id (50256), so its range starts at 0
+    low = [i for i in model.tokenizer.all_special_ids if i < model.cfg.d_vocab // 2]
+    vocab = (max(low, default=-1) + 1, min(model.cfg.d_vocab, 20000))
     n = min(10, (model.cfg.n_ctx - 1) // 2)
     bos = model.tokenizer.bos_token_id is not None
     tokens = repeated_random_tokens(n, batch=8, seed=0, vocab_range=vocab,

@@ -59,8 +59,10 @@ def gpt2_ioi(order: str) -> PromptFamily:
 RECALL_FIRST = ["Michelle", "John", "Mary", "David", "Sarah", "James"]
 RECALL_SURNAMES = [("Jones", "Smith"), ("Brown", "Wilson"), ("Taylor", "Davis"),
                    ("Miller", "Moore"), ("Johnson", "Williams"), ("Clark", "Lewis")]
+# GPT-2's tokenizer splits both into 11 tokens (" top" "-" "not" "ch"; " well" "-" "known"), so
+# the family runs as one batch with the surname at position 1 and the query at 10
 RECALL_TEMPLATES = ["{FIRST} {SURNAME} was a top-notch student. {Q}",
-                    "{FIRST} {SURNAME} was a great teacher. {Q}"]
+                    "{FIRST} {SURNAME} was a well-known local writer. {Q}"]
 
 
 def gpt2_name_recall_michelle() -> PromptFamily:
@@ -73,9 +75,12 @@ def gpt2_name_recall_michelle() -> PromptFamily:
 
 
 def gpt2_name_recall() -> PromptFamily:
-    """Name recall over first names, surname pairs and two templates, no BOS."""
+    """Name recall, no BOS: each first name with its own surname pair, in both templates (12
+    prompts, every name and surname once per template). Its claims sweep every (layer,
+    position), 132 patched forwards of GPT-2 small per prompt: all 72 pairings took ten minutes
+    of one CPU core for what 12 show as well (the restoration it measures is near 0 or 1)."""
     fills = [{"FIRST": f, "SURNAME": a, "Q": f, "B": b}
-             for f in RECALL_FIRST for a, b in RECALL_SURNAMES]
+             for f, (a, b) in zip(RECALL_FIRST, RECALL_SURNAMES)]
     return PromptFamily.from_template(
         "recall", RECALL_TEMPLATES, fills, lambda f: {**f, "SURNAME": f["B"]}, " {SURNAME}",
         " {B}", prepend_bos=False,
@@ -94,19 +99,21 @@ FORMS = {"we": ("'re", " are"), "they": ("'re", " are"), "you": ("'re", " are"),
 
 
 def gpt2_contraction() -> PromptFamily:
-    """Every pairing, two subjects and two templates: 28 prompts, positions P1, V1, P2, END.
+    """Every pairing in both templates, the first template with the first subject and the
+    second with the second: 14 prompts, positions P1, V1, P2, END. (Its top-head claim sweeps
+    all 144 heads; both subjects in both templates doubled the time and added no pairing.)
 
     Answer: the later pronoun's contracted verb; counterfactual: its full form; corrupted: the
     earlier verb written in full (`` are``/`` is``: as many tokens), so the style cue flips."""
     prompts = []
     for c, p2 in CONTRACTION_PAIRINGS:
         full = {"'re": " are", "'s": " is"}[c]
-        fills = [{"P1": p1, "V1": c, "P2": p2} for p1 in CONTRACTION_SUBJECTS[c]]
         contracted, uncontracted = FORMS[p2]
-        prompts += PromptFamily.from_template(
-            "contraction", CONTRACTION_TEMPLATES, fills, lambda f, full=full: {**f, "V1": full},
-            contracted, uncontracted,
-        ).prompts
+        for template, p1 in zip(CONTRACTION_TEMPLATES, CONTRACTION_SUBJECTS[c]):
+            prompts += PromptFamily.from_template(
+                "contraction", template, [{"P1": p1, "V1": c, "P2": p2}],
+                lambda f, full=full: {**f, "V1": full}, contracted, uncontracted,
+            ).prompts
     return PromptFamily("contraction", prompts, prepend_bos=True)
 
 

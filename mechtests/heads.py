@@ -74,28 +74,52 @@ def detection_pattern(tokens: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown head kind {kind!r}: choose one of {', '.join(KINDS)}")
 
 
-def _patterns(model: Any, toks: torch.Tensor) -> torch.Tensor:
-    """All attention patterns of one batched run: [n, layer, head, dest, src]."""
-    sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-    acts = _run(model, toks, sites)[1]
-    return torch.stack([acts[s] for s in sites], 1)
+WEIGHTINGS = ("attention", "norm")
+
+
+def _patterns(model: Any, toks: torch.Tensor, weighting: str = "attention") -> torch.Tensor:
+    """All attention patterns of one batched run: [n, layer, head, dest, src].
+
+    ``weighting="norm"``: Kobayashi et al. 2020's norm-based view, ``||alpha_ij f(x_j)||`` with
+    ``f(x_j) = v_j W_O`` (the value, bias included, through the head's output matrix): how much
+    each source position actually moves into the destination, not only where the head looks.
+    A head that attends to a position whose value it writes with a small norm (an attention
+    sink such as BOS) scores low here.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r}: choose 'attention' (the raw pattern) or "
+                         f"'norm' (Kobayashi et al. 2020, ||alpha f(x)||)")
+    L = model.cfg.n_layers
+    sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
+    vsites = [f"blocks.{layer}.attn.hook_v" for layer in range(L)] if weighting == "norm" else []
+    acts = _run(model, toks, sites + vsites)[1]
+    pat = torch.stack([acts[s] for s in sites], 1)
+    if weighting == "norm":
+        W_O = model.W_O  # [L, H, d_head, d_model]
+        fx = torch.stack([torch.einsum("nshd,hdm->nhsm", acts[v], W_O[la])
+                          for la, v in enumerate(vsites)], 1)                 # [n, L, H, src, m]
+        pat = pat * fx.norm(dim=-1)[:, :, :, None, :]
+    return pat
 
 
 def head_scores(model: Any, tokens: Tokens, kind: str, exclude_bos: bool = False,
-                exclude_current_token: bool = False, over: str = "all") -> Result:
+                exclude_current_token: bool = False, over: str = "all",
+                weighting: str = "attention") -> Result:
     """Per-head detector score for ``kind`` (previous_token, duplicate_token, induction).
 
     ``over='all'`` is TL's ``detect_head`` (mul): marked attention / total attention over all
     query rows, so rows with no marked key count as 0 (a perfect induction head scores about
     n/(2n+1) on BOS + repeated tokens). ``over='targets'`` averages only the query rows that
     have a marked key (e.g. the mean attention of each second-half token to the token after its
-    earlier copy). Axes ``(layer, head)``; per_prompt has one row per prompt.
+    earlier copy). ``weighting="norm"`` scores the norm-based view instead of the raw pattern
+    (see ``_patterns``): the share of what the head moves that comes from the marked keys.
+    Axes ``(layer, head)``; per_prompt has one row per prompt.
     """
     if over not in ("all", "targets"):
         raise ValueError(f"over={over!r}: choose 'all' (TL's detector) or 'targets'")
     toks = _tokens(model, tokens)
     det = detection_pattern(toks, kind).to(toks.device)[:, None, None]         # [n,1,1,T,T]
-    pat = _patterns(model, toks)
+    pat = _patterns(model, toks, weighting)
     if exclude_bos:
         pat = pat.clone()
         pat[..., 0] = 0
@@ -114,7 +138,8 @@ def head_scores(model: Any, tokens: Tokens, kind: str, exclude_bos: bool = False
     labels = {"layer": _labels(model.cfg.n_layers), "head": _labels(model.cfg.n_heads)}
     return Result(f"{kind.removesuffix('_head')} score", ("layer", "head"), labels, per.mean(0),
                   per, {"exclude_bos": exclude_bos,
-                        "exclude_current_token": exclude_current_token, "over": over})
+                        "exclude_current_token": exclude_current_token, "over": over,
+                        "weighting": weighting})
 
 
 def induction_scores(model: Any, n_tokens: int = 20, batch: int = 4, seed: int = 0,
@@ -134,10 +159,13 @@ def induction_scores(model: Any, n_tokens: int = 20, batch: int = 4, seed: int =
     return head_scores(model, toks, "induction", **kw)
 
 
-def attention_between(model: Any, tokens: Tokens, from_pos: Pos, to_pos: Pos) -> Result:
+def attention_between(model: Any, tokens: Tokens, from_pos: Pos, to_pos: Pos,
+                      weighting: str = "attention") -> Result:
     """Per-head attention from one named position to another (one position per prompt).
 
-    E.g. END -> IO for name movers. Axes ``(layer, head)``; per_prompt has one row per prompt.
+    E.g. END -> IO for name movers. ``weighting="norm"``: ``||alpha f(x)||`` at that pair, as a
+    share of the head's total ``sum_j ||alpha_ij f(x_j)||`` over sources (comparable with the
+    raw pattern's share). Axes ``(layer, head)``; per_prompt has one row per prompt.
     """
     toks = _tokens(model, tokens)
     q, k = _positions(from_pos, toks, "from_pos"), _positions(to_pos, toks, "to_pos")
@@ -145,35 +173,42 @@ def attention_between(model: Any, tokens: Tokens, from_pos: Pos, to_pos: Pos) ->
         i = int((k > q).nonzero()[0])
         raise ValueError(f"to_pos {int(k[i])} comes after from_pos {int(q[i])} in prompt {i}; "
                          f"causal attention only looks back, swap the positions")
-    pat = _patterns(model, toks)                                               # [n, L, H, T, T]
+    pat = _patterns(model, toks, weighting)                                    # [n, L, H, T, T]
+    if weighting == "norm":
+        pat = pat / pat.sum(-1, keepdim=True).clamp_min(1e-30)
     n = toks.shape[0]
     per = pat[torch.arange(n), :, :, q, k]                                     # [n, L, H]
     labels = {"layer": _labels(model.cfg.n_layers), "head": _labels(model.cfg.n_heads)}
-    return Result("attention between positions", ("layer", "head"), labels, per.mean(0), per,
-                  {"from_pos": q.tolist(), "to_pos": k.tolist()})
+    title = "attention between positions" + (" (norm-based)" if weighting == "norm" else "")
+    return Result(title, ("layer", "head"), labels, per.mean(0), per,
+                  {"from_pos": q.tolist(), "to_pos": k.tolist(), "weighting": weighting})
 
 
-def attention_pattern(model: Any, tokens: Tokens, layer: int, head: int, prompt: int = 0
-                      ) -> Result:
-    """One head's attention pattern on one prompt, axes ``(dest, src)``, labels ``"3 John"``."""
+def attention_pattern(model: Any, tokens: Tokens, layer: int, head: int, prompt: int = 0,
+                      weighting: str = "attention") -> Result:
+    """One head's attention pattern on one prompt, axes ``(dest, src)``, labels ``"3 John"``.
+
+    ``weighting="norm"``: the norm-based view ``||alpha_ij f(x_j)||`` (Kobayashi et al. 2020)
+    beside the raw pattern, in units of the residual stream."""
     toks = _tokens(model, tokens)
     layer, head = _check_layer(model, layer), _check_head(model, head)
     if not 0 <= prompt < toks.shape[0]:
         raise ValueError(f"prompt {prompt}: there are {toks.shape[0]} prompts")
     toks = toks[prompt:prompt + 1]
-    site = f"blocks.{layer}.attn.hook_pattern"
-    pat = _run(model, toks, [site])[1][site][0, head]
+    pat = _patterns(model, toks, weighting)[0, layer, head]
     try:
         words = model.to_str_tokens(toks[0])
     except Exception:  # noqa: BLE001 - a model without a tokenizer still gets index labels
         words = [str(int(t)) for t in toks[0]]
     labels = [f"{i} {str(w).strip() or repr(w)}" for i, w in enumerate(words)]
-    return Result(f"attention pattern {layer}.{head}", ("dest", "src"),
-                  {"dest": labels, "src": labels}, pat, meta={"layer": layer, "head": head})
+    what = "norm-based attention" if weighting == "norm" else "attention pattern"
+    return Result(f"{what} {layer}.{head}", ("dest", "src"), {"dest": labels, "src": labels},
+                  pat, meta={"layer": layer, "head": head, "weighting": weighting})
 
 
 __all__ = [
     "KINDS",
+    "WEIGHTINGS",
     "attention_between",
     "attention_pattern",
     "detection_pattern",

