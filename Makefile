@@ -47,7 +47,7 @@ SHOT := $(BIN)/python -m mechtests.browser shot reports/example/report.html
 
 example-report: $(BIN)/.installed browser  ## the organism, a fine-tune, another seed; screenshots
 	rm -rf build/example-report
-	OMP_NUM_THREADS=1 $(BIN)/pytest claims/ $(CHECKPOINTS) --report-dir build/example-report || true
+	OMP_NUM_THREADS=1 $(BIN)/pytest claims/ $(CHECKPOINTS) --mutate --report-dir build/example-report || true
 	rm -rf reports/example && cp -r build/example-report/run-* reports/example
 	$(SHOT) reports/example/screenshots/matrix.png --height 900
 	$(SHOT) reports/example/screenshots/heatmaps.png --at ioi.name_movers --height 1000
