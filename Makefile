@@ -43,7 +43,7 @@ lint: $(BIN)/.installed
 CHECKPOINTS := --model multitask --model fixtures/checkpoints/multitask-finetune \
 	--model fixtures/checkpoints/multitask-seed1
 
-SHOT := $(BIN)/python -m mechtests.browser shot reports/example/report.html
+SHOT := $(BIN)/python -m mechtests.suite.browser shot reports/example/report.html
 
 example-report: $(BIN)/.installed browser  ## the organism, a fine-tune, another seed; screenshots
 	rm -rf build/example-report

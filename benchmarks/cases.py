@@ -56,7 +56,7 @@ def cells(task: str, case: str, full: bool) -> dict | None:
 
 
 def run_ours(engine, task: str, clean, corrupted, sub: dict | None):
-    from mechtests import patching as P
+    from mechtests.analysis import patching as P
 
     if task == "attribution":
         return P.attribution_patches(engine, [("z", ("layer", "head", "pos")), "mlp_out",

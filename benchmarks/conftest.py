@@ -14,8 +14,8 @@ def gpt2_small_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gpt2_small(gpt2_small_dir):
-    from mechtests.engine import Engine
-    from mechtests.models import load_model
+    from mechtests.core.engine import Engine
+    from mechtests.core.models import load_model
 
     model = load_model(str(gpt2_small_dir), device="cpu")
     return model, Engine(model)

@@ -37,8 +37,8 @@ def child(impl: str, task: str, case: str, model_dir: str) -> None:
     sys.path.insert(0, str(HERE))
     from cases import CASES, cells, prompts, run_ours, run_tl
 
-    from mechtests.engine import Engine
-    from mechtests.models import load_model
+    from mechtests.core.engine import Engine
+    from mechtests.core.models import load_model
 
     torch.set_num_threads(1)
     model = load_model(model_dir, device="cpu")

@@ -30,8 +30,8 @@ def _model(tmp_path_factory, shape: str):
         import torch
         import transformers as tf
 
-        from mechtests.engine import Engine
-        from mechtests.models import load_model
+        from mechtests.core.engine import Engine
+        from mechtests.core.models import load_model
         from mechtests.testing import WORDS, word_tokenizer
 
         cfg_cls, model_cls, kw = SHAPES[shape]

@@ -26,7 +26,8 @@ GPT2_CLAIM_FILES = ("test_contraction.py", "test_entropy_neurons.py", "test_gend
                     "test_induction.py", "test_ioi.py", "test_logit_lens.py",
                     "test_resid_patching.py", "test_token_attribution.py")
 CHEAP = "test_logit_lens.py"
-LOAD = ("from mechtests.models import load_model; from mechtests.engine import engine_for; "
+LOAD = ("from mechtests.core.models import load_model; "
+        "from mechtests.core.engine import engine_for; "
         "engine_for(load_model({path!r}, device='cpu'))")
 
 

@@ -14,10 +14,10 @@ from collections.abc import Callable
 import pytest
 
 from mechtests import families as gpt2
-from mechtests.claims import effect_size, reference
+from mechtests.core.prompts import PromptFamily
 from mechtests.organisms import language as lang
 from mechtests.organisms.analysis import EVAL_SEED
-from mechtests.prompts import PromptFamily
+from mechtests.suite.claims import effect_size, reference
 
 N = 8  # prompts per template in a generated organism family
 
@@ -73,7 +73,7 @@ def family(task: str, reference: str, kind: str) -> PromptFamily:
 
 def measured_on(task: str, subject, refs: dict, kind: str, record=None, guard: bool = True):
     """``(expectations, tokenized family)``: what ``refs`` expects of ``subject`` (see
-    ``mechtests.claims.reference``) and the ``kind`` family of ``task`` written for it.
+    ``mechtests.suite.claims.reference``) and the ``kind`` family of ``task`` written for it.
 
     ``guard`` (every mechanism claim): the effect-size guard. The family's metric must differ
     between its clean and corrupted prompts by at least a logit, else the claim is
@@ -83,7 +83,7 @@ def measured_on(task: str, subject, refs: dict, kind: str, record=None, guard: b
     name, ref = reference(subject, refs)
     fam = family(task, name, kind).tokenize(subject.model)
     if guard:
-        from mechtests.engine import engine_for
+        from mechtests.core.engine import engine_for
 
         engine = engine_for(subject.model)
         metric = fam.logit_diff()

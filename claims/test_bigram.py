@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from mechtests.claims import holds, reference
 from mechtests.organisms.language import bigram_table
+from mechtests.suite.claims import holds, reference
 
 SOURCE = "Elhage et al. 2021 (zero-layer transformers are bigram models)"
 REFS = {"bigram": None}

@@ -23,12 +23,12 @@ from __future__ import annotations
 import pytest
 
 from claims.families import kinds, measured_on
-from mechtests import metrics as M
-from mechtests.attribution import head_attribution
-from mechtests.claims import holds, holds_set
-from mechtests.engine import engine_for
-from mechtests.heads import attention_between
-from mechtests.patching import sweep
+from mechtests.analysis.attribution import head_attribution
+from mechtests.analysis.heads import attention_between
+from mechtests.analysis.patching import sweep
+from mechtests.core import metrics as M
+from mechtests.core.engine import engine_for
+from mechtests.suite.claims import holds, holds_set
 
 REFS = {"gpt2": "7.11", "multitask": "0.3"}  # the contraction mover
 SOURCE = "contraction-copying research notebook (GPT-2 small, unreplicated)"

@@ -13,8 +13,12 @@ import pytest
 import torch
 
 from claims.families import measured_on
-from mechtests.attribution import neuron_ablation_effect, neuron_output_norms, unembed_null_fraction
-from mechtests.claims import holds, reference
+from mechtests.analysis.attribution import (
+    neuron_ablation_effect,
+    neuron_output_norms,
+    unembed_null_fraction,
+)
+from mechtests.suite.claims import holds, reference
 
 REFS = {"gpt2": (11, (584, 2378, 2870, 2123, 1611, 2910))}
 SOURCE = "Stolfo et al. 2024 (confidence regulation neurons); bpwu1/confidence-regulation-neurons"

@@ -19,11 +19,15 @@ import pytest
 import torch
 
 from claims.families import kinds, measured_on
-from mechtests import metrics as M
-from mechtests.attribution import mean_difference_direction, separating_neurons, steering_sweep
-from mechtests.claims import holds
-from mechtests.engine import engine_for
-from mechtests.patching import sweep
+from mechtests.analysis.attribution import (
+    mean_difference_direction,
+    separating_neurons,
+    steering_sweep,
+)
+from mechtests.analysis.patching import sweep
+from mechtests.core import metrics as M
+from mechtests.core.engine import engine_for
+from mechtests.suite.claims import holds
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mechtests.claims import effect_size, holds, holds_set, reference
-from mechtests.engine import engine_for
-from mechtests.heads import repeated_random_tokens
-from mechtests.result import Result
+from mechtests.analysis.heads import repeated_random_tokens
+from mechtests.core.engine import engine_for
+from mechtests.core.result import Result
+from mechtests.suite.claims import effect_size, holds, holds_set, reference
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import pytest
 
 from claims.families import kinds, measured_on
-from mechtests import metrics as M
-from mechtests.attribution import head_attribution
-from mechtests.claims import holds, holds_set
-from mechtests.engine import engine_for
-from mechtests.heads import attention_between
-from mechtests.patching import ablate
+from mechtests.analysis.attribution import head_attribution
+from mechtests.analysis.heads import attention_between
+from mechtests.analysis.patching import ablate
+from mechtests.core import metrics as M
+from mechtests.core.engine import engine_for
+from mechtests.suite.claims import holds, holds_set
 
 
 @dataclass(frozen=True)

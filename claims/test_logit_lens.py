@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import pytest
 
 from claims.families import measured_on
-from mechtests.attribution import logit_attribution, logit_lens
-from mechtests.claims import holds, holds_set
-from mechtests.engine import engine_for
-from mechtests.patching import ablate
+from mechtests.analysis.attribution import logit_attribution, logit_lens
+from mechtests.analysis.patching import ablate
+from mechtests.core.engine import engine_for
+from mechtests.suite.claims import holds, holds_set
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from claims.families import kinds, measured_on
-from mechtests.claims import holds, reference
-from mechtests.engine import engine_for
-from mechtests.patching import sweep
+from mechtests.analysis.patching import sweep
+from mechtests.core.engine import engine_for
+from mechtests.suite.claims import holds, reference
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from claims.families import _organism, family
-from mechtests.claims import effect_size, holds, reference
-from mechtests.engine import engine_for
+from mechtests.analysis.patching import sweep
+from mechtests.core.engine import engine_for
 from mechtests.organisms import language as lang
-from mechtests.patching import sweep
+from mechtests.suite.claims import effect_size, holds, reference
 
 STORY = {  # task, family kind -> the named positions that carry the answer
     ("ioi", "ABBA"): ("IO", "S1", "S2"),

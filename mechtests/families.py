@@ -6,7 +6,7 @@ The organisms' families are built from their own synthetic language
 
 from __future__ import annotations
 
-from mechtests.prompts import PromptFamily
+from mechtests.core.prompts import PromptFamily
 
 # Exploratory Analysis Demo (TransformerLens): four templates, each with both name orders;
 # (template, first-named A, second-named B, the answer of the template's first prompt).

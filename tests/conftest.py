@@ -9,7 +9,7 @@ import pytest
 import transformer_lens.model_bridge  # noqa: F401
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401
 
-from mechtests.models import load_model
+from mechtests.core.models import load_model
 from mechtests.testing import save_tiny_checkpoint
 
 

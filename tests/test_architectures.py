@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechtests import patching
-from mechtests.attribution import head_attribution, logit_attribution, logit_lens
-from mechtests.engine import Engine, UnsupportedArchitecture
-from mechtests.models import load_model
+from mechtests.analysis import patching
+from mechtests.analysis.attribution import head_attribution, logit_attribution, logit_lens
+from mechtests.core.engine import Engine, UnsupportedArchitecture
+from mechtests.core.models import load_model
 from mechtests.testing import save_arch_checkpoint
 
 ARCHS = ("neox", "neox_serial", "gptj", "llama", "qwen2", "qwen3")
@@ -166,8 +166,8 @@ def gemma2(tmp_path_factory):
 
 
 def test_gemma2_every_view_refuses_naming_what_it_has(gemma2):
-    from mechtests.engine import engine_for
-    from mechtests.heads import head_scores, induction_scores
+    from mechtests.analysis.heads import head_scores, induction_scores
+    from mechtests.core.engine import engine_for
 
     tokens = torch.tensor([[1, 2, 3, 4, 5]])
     a, c = torch.tensor([3]), torch.tensor([5])
@@ -199,7 +199,7 @@ def test_bridge_that_disagrees_with_hugging_face_is_refused(tmp_path, monkeypatc
     """Without the named check, the self-check against a fresh HF model still refuses it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mechtests import engine as engine_mod
+    from mechtests.core import engine as engine_mod
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=4,

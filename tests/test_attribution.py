@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mechtests import attribution as A
-from mechtests.metrics import logit_diff
+from mechtests.analysis import attribution as A
+from mechtests.core.metrics import logit_diff
 
 N, T = 5, 9
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mechtests.models import ORGANISMS
+from mechtests.core.models import ORGANISMS
 
 pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,11 +193,11 @@ def test_contraction_top_head_is_a_claim_about_its_mixed_family():
     """The claim says 0.3 is top on templates 0 and 2 together, and why: on template 0 alone
     it is not top by either measure (the organism reads the cue by position there)."""
     from claims.families import _organism
-    from mechtests.attribution import head_attribution
-    from mechtests.engine import engine_for
-    from mechtests.models import load_model
+    from mechtests.analysis.attribution import head_attribution
+    from mechtests.analysis.patching import sweep
+    from mechtests.core.engine import engine_for
+    from mechtests.core.models import load_model
     from mechtests.organisms import language as lang
-    from mechtests.patching import sweep
 
     model = load_model("multitask", "cpu")
     fam = _organism("contraction", lang.contraction_prompts, (0,), style="contracted")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechtests import patching
-from mechtests.attribution import neuron_ablation_effect
-from mechtests.engine import VERIFY_RTOL, Engine
-from mechtests.models import load_model
+from mechtests.analysis import patching
+from mechtests.analysis.attribution import neuron_ablation_effect
+from mechtests.core.engine import VERIFY_RTOL, Engine
+from mechtests.core.models import load_model
 from mechtests.testing import save_arch_checkpoint
 
 

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mechtests.engine import SITE_PATTERNS, Engine
-from mechtests.models import load_model
+from mechtests.core.engine import SITE_PATTERNS, Engine
+from mechtests.core.models import load_model
 from mechtests.testing import save_rich_checkpoint
 
 

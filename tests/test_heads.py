@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformer_lens import head_detector as hd
 
-from mechtests import heads as Hd
+from mechtests.analysis import heads as Hd
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mechtests import metrics as M
+from mechtests.core import metrics as M
 
 
 def test_logit_diff_broadcasts_over_patches():

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from mechtests.models import CheckpointError, ModelUnavailable, load_model, resolve
+from mechtests.core.models import CheckpointError, ModelUnavailable, load_model, resolve
 
 
 def test_loads_local_dir_in_compat_mode(tiny_model):
@@ -181,7 +181,7 @@ def test_corrupt_tokenizer_json_names_the_file(tiny_model_dir, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_gpu_says_so_not_the_checkpoint(tiny_model_dir):
-    from mechtests.models import DeviceError
+    from mechtests.core.models import DeviceError
 
     with pytest.raises(DeviceError, match=r"--device cuda: no CUDA GPU is available on this "
                                           r"machine.*--device cpu") as exc:
@@ -190,7 +190,7 @@ def test_cuda_without_gpu_says_so_not_the_checkpoint(tiny_model_dir):
 
 
 def test_typos_are_named_with_a_suggestion(monkeypatch, tmp_path):
-    from mechtests.models import NoSuchModel
+    from mechtests.core.models import NoSuchModel
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from mechtests import mutate as mu
-from mechtests.engine import engine_for
+from mechtests.core.engine import engine_for
+from mechtests.suite import mutate as mu
 
 pytest_plugins = ["pytester"]
 

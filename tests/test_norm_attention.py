@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechtests.heads import attention_between, attention_pattern, head_scores
+from mechtests.analysis.heads import attention_between, attention_pattern, head_scores
 
 
 def _tokens(n: int = 3, T: int = 9) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechtests.models import CheckpointError, load_model
+from mechtests.core.models import CheckpointError, load_model
 from mechtests.organisms import analysis as A
 from mechtests.organisms import findings, fixture_dir
 from mechtests.organisms import language as lang

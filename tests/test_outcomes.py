@@ -8,13 +8,13 @@ import json
 
 import pytest
 
-from mechtests.report import TestResult, build
+from mechtests.suite.report import TestResult, build
 
 pytest_plugins = ["pytester"]
 
 CLAIMS = """
 import pytest
-from mechtests.claims import effect_size, holds
+from mechtests.suite.claims import effect_size, holds
 
 @pytest.mark.claim(id="held", source="test", subjects=["tiny"])
 def test_held(subject, record):

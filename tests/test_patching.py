@@ -10,9 +10,9 @@ import transformer_lens.patching as tlp
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mechtests import patching as P
-from mechtests.engine import Engine
-from mechtests.models import load_model
+from mechtests.analysis import patching as P
+from mechtests.core.engine import Engine
+from mechtests.core.models import load_model
 from mechtests.testing import compare_attribution_with_tl, save_rich_checkpoint
 
 ATOL = 1e-4
@@ -310,7 +310,7 @@ def test_attribution_is_the_directional_derivative(rich, site):
 
 
 def test_rank_correlation():
-    from mechtests.result import Result
+    from mechtests.core.result import Result
 
     def res(v):
         return Result("r", ("component",), {"component": [str(i) for i in range(len(v))]},
@@ -434,7 +434,7 @@ def _nan_after(metric, calls: int, prompt: int):
 
 @pytest.mark.parametrize("site", ["resid_pre", "z"])
 def test_nan_in_a_patched_run_raises_naming_prompt_and_patch(rich, site):
-    from mechtests.metrics import MetricError
+    from mechtests.core.metrics import MetricError
 
     model, engine = rich
     clean, corrupted, metric = make_prompts(model.cfg.d_vocab, 3, 8, seed=3)
@@ -444,7 +444,7 @@ def test_nan_in_a_patched_run_raises_naming_prompt_and_patch(rich, site):
 
 
 def test_nan_in_the_unpatched_run_raises_for_every_view(rich):
-    from mechtests.metrics import MetricError
+    from mechtests.core.metrics import MetricError
 
     model, engine = rich
     clean, corrupted, metric = make_prompts(model.cfg.d_vocab, 3, 8, seed=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mechtests.prompts import Prompt, PromptError, PromptFamily, position
+from mechtests.core.prompts import Prompt, PromptError, PromptFamily, position
 
 IOI = "When {IO} and {S1} went to the {PLACE} , {S2} gave a {OBJ} to"
 FILLS = [

@@ -53,7 +53,7 @@ def test_a_few_steps_train_save_load_and_analyse(tmp_path):
     """The recipe's whole path on a small slice of the corpus: training (attention-only, the
     history recorded), saving as an ordinary checkpoint, loading it as a user's, and the
     findings from the library's tools."""
-    from mechtests.models import load_model
+    from mechtests.core.models import load_model
     from mechtests.organisms.prose_findings import render, write_findings
 
     r = P.ProseRecipe(steps=4, corpus_chars=200_000, eval_every=2, batch=4)

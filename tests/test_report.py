@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mechtests import render as ren
-from mechtests.render import render_md
-from mechtests.report import TestResult, build, write_report
+from mechtests.suite import render as ren
+from mechtests.suite.render import render_md
+from mechtests.suite.report import TestResult, build, write_report
 
 pytest_plugins = ["pytester"]
 
@@ -119,7 +119,7 @@ def screenshot_every_outcome(png: str) -> None:
     """
     import tempfile
 
-    from mechtests import browser
+    from mechtests.suite import browser
 
     data = every_outcome()
     data["settings"]["command"] = "synthetic data: tests/test_report.py::every_outcome"
@@ -132,7 +132,7 @@ def screenshot_every_outcome(png: str) -> None:
 
 
 def test_every_outcome_has_its_glyph_key_number_and_reason():
-    from mechtests import render
+    from mechtests.suite import render
 
     data = every_outcome()
     keys = {(c["id"], mod): (render.worst(cell["tests"]), *render.cell_key(cell))
@@ -166,7 +166,7 @@ def test_every_outcome_has_its_glyph_key_number_and_reason():
 
 
 def test_renders_what_the_current_plugin_produces_without_the_new_fields():
-    from mechtests import render
+    from mechtests.suite import render
 
     data = build(results(), SETTINGS)  # no moved, no kind, no mutation, no checkpoints
     page = render.render_html(data, Path("."))
@@ -174,7 +174,7 @@ def test_renders_what_the_current_plugin_produces_without_the_new_fields():
 
 
 def test_held_sets_read_as_found_of_expected():
-    from mechtests import render
+    from mechtests.suite import render
 
     meas = {"what": "top heads: expected ['3.3', '1.1'] among ['1.3', '1.0', '1.2']",
             "value": 0, "threshold": 2, "op": ">=", "held": False}
@@ -193,9 +193,9 @@ def heat(values, name="head attribution"):
 def test_reference_heatmap_is_the_stored_snapshot_of_the_model_or_its_shape(tmp_path):
     import torch
 
-    from mechtests.render import reference_heatmap
-    from mechtests.result import Result
-    from mechtests.snapshot import dumps
+    from mechtests.core.result import Result
+    from mechtests.suite.render import reference_heatmap
+    from mechtests.suite.snapshot import dumps
 
     test_file = tmp_path / "claims" / "test_ioi.py"
     folder = test_file.parent / "__heatmaps__" / "test_ioi"
@@ -226,7 +226,7 @@ def report_dir(tmp_path):
 
 
 def test_heatmaps_reference_first_shared_scale_and_difference(report_dir):
-    from mechtests import render
+    from mechtests.suite import render
 
     ref = {"model": "base", "file": "t/x.heatmap.txt", "result": heat([[1.0, 0.0], [0.0, 1.0]])}
     big = {"model": "gpt2", "file": "t/y.heatmap.txt", "result": heat([[5.0] * 3] * 3)}
@@ -255,7 +255,7 @@ def test_heatmaps_reference_first_shared_scale_and_difference(report_dir):
 
 
 def test_one_dimensional_results_are_line_plots(report_dir):
-    from mechtests import render
+    from mechtests.suite import render
 
     def sweep(values):
         return {"name": "steering", "axes": ["alpha"],
@@ -274,7 +274,7 @@ def test_one_dimensional_results_are_line_plots(report_dir):
 
 
 def test_training_sequences_plot_the_value_against_step(report_dir):
-    from mechtests import render
+    from mechtests.suite import render
 
     rs = [TestResult(f"a.py::t[step{s}]", "induction.exists", model=f"step{s}",
                      outcome="held" if v >= 0.45 else "failed",
@@ -374,7 +374,7 @@ def wide_data() -> dict:
 
 def test_the_page_fits_1400_px_in_chromium(tmp_path):
     """Headless Chromium at 1400 px, every <details> open: no table or image sticks out."""
-    from mechtests import browser
+    from mechtests.suite import browser
 
     if browser.chromium() is None:
         pytest.skip(f"Chromium is not installed here: {browser.HOW}")
@@ -388,7 +388,7 @@ def test_the_page_fits_1400_px_in_chromium(tmp_path):
 
 
 def test_the_committed_example_report_fits_1400_px_in_chromium():
-    from mechtests import browser
+    from mechtests.suite import browser
 
     if browser.chromium() is None:
         pytest.skip(f"Chromium is not installed here: {browser.HOW}")
@@ -402,7 +402,7 @@ CLAIMS = '''
 import os
 import pytest
 import torch
-from mechtests.result import Result
+from mechtests.core.result import Result
 
 
 @pytest.fixture
@@ -437,7 +437,7 @@ def test_not_a_claim():
 def run_claims(pytester: pytest.Pytester, *args: str, **kwargs):
     pytester.makepyfile(test_claims=CLAIMS)
     # hypothesis's terminal summary costs ~2 s per inner session here: leave it out
-    return pytester.runpytest_inprocess("-p", "mechtests.report", "-p", "no:cacheprovider",
+    return pytester.runpytest_inprocess("-p", "mechtests.suite.report", "-p", "no:cacheprovider",
                                         "-p", "no:hypothesispytest",
                                         "--report-dir", "out", *args, **kwargs)
 
@@ -514,7 +514,7 @@ def test_an_interrupted_run_writes_nothing(pytester, monkeypatch):
 
 # -- progress bars ---------------------------------------------------------------------------------
 def test_progress_is_quiet_on_ci_and_under_capture_and_can_be_forced(monkeypatch, capsys):
-    from mechtests.progress import progress, quiet
+    from mechtests.core.progress import progress, quiet
 
     monkeypatch.delenv("MECHTESTS_PROGRESS", raising=False)
     monkeypatch.delenv("CI", raising=False)

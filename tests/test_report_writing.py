@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from mechtests import report as rep
-from mechtests.report import TestResult, write_report
+from mechtests.suite import report as rep
+from mechtests.suite.report import TestResult, write_report
 
 pytest_plugins = ["pytester"]
 
@@ -42,7 +42,7 @@ def run_claims(pytester: pytest.Pytester, *args: str, conftest: str = ""):
     pytester.makepyfile(test_claims=CLAIM)
     if conftest:
         pytester.makeconftest(conftest)
-    return pytester.runpytest_inprocess("-p", "mechtests.report", "-p", "no:cacheprovider",
+    return pytester.runpytest_inprocess("-p", "mechtests.suite.report", "-p", "no:cacheprovider",
                                         "-p", "no:hypothesispytest", "--report-dir", "out",
                                         *args, no_reraise_ctrlc=True)
 
@@ -124,7 +124,7 @@ def test_a_report_that_cannot_be_written_fails_the_run_saying_how_to_fix_it(pyte
 
 def test_ctrl_c_while_writing_the_report_is_a_message_not_a_traceback(pytester):
     conftest = '''
-import mechtests.report as rep
+import mechtests.suite.report as rep
 
 def pytest_configure(config):
     real = rep._publish

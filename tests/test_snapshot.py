@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from mechtests.result import Result
-from mechtests.snapshot import HeatmapExtension, compare, dumps, loads, model_of, within
+from mechtests.core.result import Result
+from mechtests.suite.snapshot import HeatmapExtension, compare, dumps, loads, model_of, within
 
 pytest_plugins = ["pytester"]
 
@@ -17,8 +17,8 @@ LABELS = {"layer": ["0", "1"], "pos": ["0 <bos>", "1 Mary", "2 John"]}
 INNER = '''
 import pytest
 import torch
-from mechtests.result import Result
-from mechtests.snapshot import within
+from mechtests.core.result import Result
+from mechtests.suite.snapshot import within
 
 MODELS = {models!r}
 SKIP = {skip!r}
@@ -69,7 +69,7 @@ def run(pytester: pytest.Pytester, *args: str, models=("tiny", "gpt2"), skip=(),
                                                  delta=delta or {}, atol=atol, extra=extra,
                                                  fail=fail or {}))
     # hypothesis's terminal summary costs ~2 s per inner session here: leave it out
-    return pytester.runpytest_inprocess("-p", "mechtests.snapshot", "-p", "no:cacheprovider",
+    return pytester.runpytest_inprocess("-p", "mechtests.suite.snapshot", "-p", "no:cacheprovider",
                                         "-p", "no:hypothesispytest",
                                         *args, no_reraise_ctrlc=True)
 
@@ -222,15 +222,15 @@ def test_snapshots_of_models_that_did_not_run_are_kept(pytester):
 def test_assert_heatmap_explains_outside_rewritten_modules(pytester):
     pytester.makepyfile(test_helper='''
 import torch
-from mechtests.result import Result
-from mechtests.snapshot import assert_heatmap
+from mechtests.core.result import Result
+from mechtests.suite.snapshot import assert_heatmap
 
 def test_h(snapshot, request):
     shift = float(request.config.getoption("--snapshot-update") is False) * 0.5
     r = Result("h", ("head",), {"head": ["0", "1"]}, torch.tensor([0.0, 1.0 + shift]))
     assert_heatmap(snapshot, r, name="h", atol=0.1)
 ''')
-    args = ("-p", "mechtests.snapshot", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+    args = ("-p", "mechtests.suite.snapshot", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
             "--assert=plain")  # nothing rewritten: the message must come from assert_heatmap
     pytester.runpytest_inprocess(*args, "--snapshot-update").assert_outcomes(passed=1)
     out = pytester.runpytest_inprocess(*args)

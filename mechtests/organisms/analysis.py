@@ -3,7 +3,7 @@
 ``python -m mechtests.organisms.analysis <organism> [--dir DIR]`` runs them on a checkpoint and
 writes ``findings.json`` and ``FINDINGS.md`` beside it (plus the bigram embedding plot).
 
-Models are ``TransformerBridge``s in compatibility mode (``mechtests.models.load_model``); the
+Models are ``TransformerBridge``s in compatibility mode (``mechtests.core.models.load_model``); the
 accuracy and bigram-fit functions also take a raw Hugging Face ``GPT2LMHeadModel`` that carries
 a ``tokenizer`` attribute (the training recipe uses them that way). Heads are named ``"L.H"``.
 """
@@ -670,7 +670,7 @@ def findings_for(name: str, model, out_dir: Path | None = None) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mechtests.models import describe, load_model
+    from mechtests.core.models import describe, load_model
     from mechtests.organisms import fixture_dir
 
     p = argparse.ArgumentParser(prog="python -m mechtests.organisms.analysis",

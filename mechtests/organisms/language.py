@@ -17,7 +17,7 @@ Prompt generators return dicts, the same shape for every task::
 
     {"task", "template", "clean", "corrupted", "answer", "counterfactual",
      "positions": {name: word index in clean.split()},   # add 1 for <bos>
-     "marks": {name: character offset in clean},          # mechtests.prompts.Prompt.marks
+     "marks": {name: character offset in clean},          # mechtests.core.prompts.Prompt.marks
      ...task fields (IO, S, first, surname, ...)}
 
 ``answer``/``counterfactual`` carry a leading space (``" Mary"``), the GPT-2 convention; the
@@ -402,8 +402,8 @@ def training_text(item: dict[str, Any]) -> str:
 
 
 def as_family(name: str, items: Sequence[dict[str, Any]], description: str = ""):
-    """A ``mechtests.prompts.PromptFamily`` from generated prompts (marks become positions)."""
-    from mechtests.prompts import Prompt, PromptFamily
+    """A ``mechtests.core.prompts.PromptFamily`` from generated prompts (marks become positions)."""
+    from mechtests.core.prompts import Prompt, PromptFamily
 
     return PromptFamily(name, [
         Prompt(d["clean"], d["corrupted"], d["answer"], d["counterfactual"],

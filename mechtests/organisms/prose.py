@@ -16,7 +16,7 @@ head had formed (README, "Model organisms").
 
 ``python -m mechtests.organisms.prose train --out DIR`` trains (seeded, single-threaded);
 ``python -m mechtests.organisms.prose findings --dir DIR`` writes findings.json and FINDINGS.md
-from the library's own tools (``mechtests.heads``, ``mechtests.patching.ablate``).
+from the library's own tools (``mechtests.analysis.heads``, ``mechtests.analysis.patching.ablate``).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def repeated_prose_loss(model, r: ProseRecipe, stream: torch.Tensor, n: int = 64
 def head_score_snapshot(model, r: ProseRecipe) -> dict[str, list[list[float]]]:
     """Previous-token and induction scores per head (TL's definitions, offset 1) of a raw
     HF model during training, on repeated random tokens (BOS + 2 x 20)."""
-    from mechtests.heads import detection_pattern, repeated_random_tokens
+    from mechtests.analysis.heads import detection_pattern, repeated_random_tokens
 
     toks = repeated_random_tokens(20, batch=8, seed=0, vocab_range=(1, 2048), bos=0)
     att = model(toks, output_attentions=True).attentions  # L x [n, H, T, T]

@@ -1,9 +1,10 @@
 """Findings of the natural-text induction organism, from the library's own tools.
 
 ``python -m mechtests.organisms.prose findings --dir DIR`` loads the checkpoint as a user's
-(``mechtests.models.load_model``), scores every head with ``mechtests.heads.head_scores``
+(``mechtests.core.models.load_model``), scores every head with
+``mechtests.analysis.heads.head_scores``
 (TransformerLens's definitions, offset 1) on repeated random tokens and on repeated held-out
-prose, and measures what zero-ablating heads costs with ``mechtests.patching.ablate``, then
+prose, and measures what zero-ablating heads costs with ``mechtests.analysis.patching.ablate``, then
 writes ``findings.json`` and ``FINDINGS.md`` beside the checkpoint.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mechtests.heads import head_scores, repeated_random_tokens
+from mechtests.analysis.heads import head_scores, repeated_random_tokens
 from mechtests.organisms import prose as P
 
 PREV_THRESHOLD = 0.5  # a previous-token head: most of its attention on the previous token
@@ -43,8 +44,8 @@ def _ranked(r, threshold: float) -> list[tuple[str, float]]:
 
 @torch.no_grad()
 def prose_findings(model, corpus_chars: int | None = None) -> dict[str, Any]:
-    from mechtests.engine import engine_for
-    from mechtests.patching import ablate
+    from mechtests.analysis.patching import ablate
+    from mechtests.core.engine import engine_for
 
     V, bos = model.cfg.d_vocab, model.tokenizer.bos_token_id
     rand = repeated_random_tokens(N_RANDOM, batch=16, seed=0, vocab_range=(bos + 1, V), bos=bos)
@@ -103,9 +104,9 @@ def render(f: dict[str, Any], training: dict[str, Any]) -> str:
         f"byte-level BPE of {r.get('vocab_size')} tokens trained on the corpus; "
         f"{r.get('steps')} steps of {r.get('batch')} x {r.get('n_positions')} tokens; in "
         f"{r.get('repeat_share')} of the windows a span of the window's own prose is repeated "
-        f"at its end. Measured with `mechtests.heads.head_scores` (TransformerLens's "
+        f"at its end. Measured with `mechtests.analysis.heads.head_scores` (TransformerLens's "
         f"definitions, offset 1, mean over the query rows that have a target) and "
-        f"`mechtests.patching.ablate` (zero ablation of a head's z).", "",
+        f"`mechtests.analysis.patching.ablate` (zero ablation of a head's z).", "",
         "## Mechanism", "",
         f"- Previous-token heads (attention to the token before > {PREV_THRESHOLD}, repeated "
         f"random tokens): **{prevs}**.",
@@ -144,7 +145,7 @@ def render(f: dict[str, Any], training: dict[str, Any]) -> str:
 
 
 def write_findings(d: Path) -> str:
-    from mechtests.models import describe, load_model
+    from mechtests.core.models import describe, load_model
 
     torch.set_num_threads(1)
     model = load_model(str(d), device="cpu")

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from mechtests.core.progress import quiet
 from mechtests.organisms import language as lang
-from mechtests.progress import quiet
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                     "generation_config.json", "training.json")
@@ -339,7 +339,7 @@ def run(argv: list[str] | None = None) -> Path:
                 f"another recipe or none recorded). Pass --overwrite to replace it, or choose "
                 f"another --out directory."
             )
-    progress = not quiet()  # no bar under CI or when nobody watches (mechtests.progress)
+    progress = not quiet()  # no bar under CI or when nobody watches (mechtests.core.progress)
     model, tok, loss = train(r, progress=progress)
     model.tokenizer = tok  # the analysis functions read words through it
     scores = evaluate(r, model)

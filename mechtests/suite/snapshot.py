@@ -34,7 +34,7 @@ import pytest
 import torch
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
-from mechtests.result import Result
+from mechtests.core.result import Result
 
 DEFAULT_ATOL = 1e-3
 DEFAULT_RTOL = 0.0

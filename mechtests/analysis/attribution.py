@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mechtests.result import Result
+from mechtests.core.result import Result
 
 Tokens = torch.Tensor | str | Sequence[str]
 Pos = int | torch.Tensor | Sequence[int] | None
@@ -31,7 +31,7 @@ def _engine(model: Any) -> Any:
     ``NotImplementedError``) naming what the model has: never a fallback to hooks whose
     numbers the suite has not checked.
     """
-    from mechtests.engine import Engine, EngineMismatch, engine_for
+    from mechtests.core.engine import Engine, EngineMismatch, engine_for
 
     if isinstance(model, Engine):
         return model

@@ -35,9 +35,9 @@ from itertools import groupby, product
 
 import torch
 
-from mechtests.engine import Ctx, Engine
-from mechtests.progress import progress
-from mechtests.result import Result
+from mechtests.core.engine import Ctx, Engine
+from mechtests.core.progress import progress
+from mechtests.core.result import Result
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -94,7 +94,7 @@ def _call_metric(metric: Metric, logits: torch.Tensor, engine: Engine | None = N
             "only, not over prompts (no .mean() over the batch).")
     bad = ~torch.isfinite(out)
     if bad.any():
-        from mechtests.metrics import MetricError
+        from mechtests.core.metrics import MetricError
 
         where = bad.reshape(-1, bad.shape[-1]) if bad.dim() else bad.reshape(1, 1)
         row, i = (int(x) for x in where.nonzero()[0])
@@ -171,7 +171,7 @@ def _entry_stage(engine: Engine, stage: int) -> int:
 
 def _check_supported(engine: Engine, site: str, what: str = "patching") -> None:
     """Refuse, by name, the sites whose exact patch the engine lacks for this architecture."""
-    from mechtests.engine import UnsupportedArchitecture
+    from mechtests.core.engine import UnsupportedArchitecture
 
     if site == "resid_mid" and engine.parallel:
         raise UnsupportedArchitecture(
@@ -637,7 +637,7 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
         raise ValueError(f"path_patch component must be 'q', 'k' or 'v', not {component!r}")
     _check_supported(engine, component, "path patching")
     if engine.q_norm is not None:
-        from mechtests.engine import UnsupportedArchitecture
+        from mechtests.core.engine import UnsupportedArchitecture
 
         raise UnsupportedArchitecture(
             f"path patching on {engine.family}: its q/k norm (a norm per head after the "

@@ -272,9 +272,9 @@ def judge(expected: str, outcome: str, same: bool) -> bool:
 
 def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
     """Run the claim test ``item`` (already held on ``subject``) on each of its mutants."""
-    from mechtests.claims import Inconclusive
-    from mechtests.plugin import Subject
-    from mechtests.report import PREFIX, Record
+    from mechtests.suite.claims import Inconclusive
+    from mechtests.suite.plugin import Subject
+    from mechtests.suite.report import PREFIX, Record
 
     props = dict(item.user_properties)
     named = props.get(PREFIX + "components")

@@ -128,7 +128,8 @@ class Engine:
             raise UnsupportedArchitecture(
                 f"Engine reads {_bridge_family(model)} weights from the checkpoint directory, "
                 "and this bridge does not say where it is: load the model with "
-                "mechtests.models.load_model (or TransformerBridge.boot_transformers on a local "
+                "mechtests.core.models.load_model (or TransformerBridge.boot_transformers on a "
+                "local "
                 "directory).")
         with torch.no_grad():
             if family in _HF_FAMILIES:
@@ -422,7 +423,7 @@ class Engine:
                     f"Engine's forward disagrees with the bridge (max |dlogit| = {err:.3g}, "
                     f"tolerance {tol:.3g} in {_dtype_name(self.dtype)}). GPT-2-style models "
                     "run on the bridge's folded weights: call model.enable_compatibility_mode() "
-                    "before building an Engine (mechtests.models.load_model does, unless "
+                    "before building an Engine (mechtests.core.models.load_model does, unless "
                     "compat=False).")
         if ref is None:
             return

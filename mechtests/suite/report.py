@@ -36,8 +36,8 @@ from typing import Any
 
 import pytest
 
-from mechtests import render
-from mechtests.result import Result
+from mechtests.core.result import Result
+from mechtests.suite import render
 
 PREFIX = "mechtests."  # user_properties names this plugin owns
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
@@ -99,7 +99,7 @@ class Record:
         node = self._node
         callspec = getattr(node, "callspec", None)
         if callspec is not None and getattr(node, "path", None) is not None:
-            from mechtests.snapshot import model_of
+            from mechtests.suite.snapshot import model_of
 
             ref = render.reference_heatmap(Path(node.path), node.originalname, callspec.id,
                                            model_of(node), entry["result"])
@@ -238,7 +238,7 @@ class ReportPlugin:
     # -- on every process (xdist workers included): tag claim tests --
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        from mechtests.snapshot import model_of
+        from mechtests.suite.snapshot import model_of
 
         for item in items:
             marker = item.get_closest_marker("claim")
@@ -457,7 +457,7 @@ def notes(results: list[TestResult]) -> list[dict[str, Any]]:
 def mutation(results: list[TestResult]) -> dict[str, Any]:
     """``--mutate``'s result per claim id: verdict, components and kill matrix (each mutant:
     expected "fail" | "hold" | "same", the outcome, ok), merged over the claim's tests."""
-    from mechtests.mutate import merge
+    from mechtests.suite.mutate import merge
 
     by_claim: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(results, key=lambda r: (r.claim, r.nodeid)):

@@ -340,7 +340,7 @@ def reference_heatmap(test_file: Path, func: str, params: str, model: str | None
     its parameters are this test's with its model in place of ours. The test's own model's
     snapshot is preferred, then one of the same shape (a fine-tune's reference), then any.
     """
-    from mechtests.snapshot import loads
+    from mechtests.suite.snapshot import loads
 
     folder = test_file.parent / "__heatmaps__" / test_file.stem
     if not folder.is_dir():
@@ -1050,5 +1050,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m mechtests.render REPORT.json NEW_DIR")
+        sys.exit("usage: python -m mechtests.suite.render REPORT.json NEW_DIR")
     print(rerender(Path(sys.argv[1]), Path(sys.argv[2])) / "report.html")

@@ -1,7 +1,8 @@
 """Look at a report the way a person does: headless Chromium, screenshots and overflow checks.
 
-    python -m mechtests.browser shot report.html out.png [--width 1400] [--height 900] [--at ID]
-    python -m mechtests.browser overflow report.html [--width 1400]
+    python -m mechtests.suite.browser shot report.html out.png [--width 1400] [--height 900]
+        [--at ID]
+    python -m mechtests.suite.browser overflow report.html [--width 1400]
 
 No browser driver is needed: the page is copied with a small script appended (it measures the
 layout, or scrolls to an element) and Chromium's own ``--dump-dom`` / ``--screenshot`` run it.
@@ -121,7 +122,7 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 900,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mechtests.browser", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mechtests.suite.browser", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     shot = sub.add_parser("shot", help="screenshot a page")

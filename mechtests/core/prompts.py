@@ -115,7 +115,7 @@ class TokenizedFamily:
 
     def logit_diff(self):
         """The family's metric: logit(answer) - logit(counterfactual), per prompt."""
-        from mechtests.metrics import logit_diff
+        from mechtests.core.metrics import logit_diff
 
         return logit_diff(self.answer_ids, self.counterfactual_ids)
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from mechtests.models import (
+from mechtests.core.models import (
     CheckpointError,
     DeviceError,
     ModelUnavailable,
@@ -34,7 +34,7 @@ from mechtests.models import (
 SEED_MAX = 2**64 - 1  # torch.manual_seed's range (non-negative)
 
 # heatmap snapshots (syrupy extension) and the claims x checkpoints report
-pytest_plugins = ["mechtests.snapshot", "mechtests.report"]
+pytest_plugins = ["mechtests.suite.snapshot", "mechtests.suite.report"]
 
 
 # Relative agreement of a bfloat16/float16 run with float32 (measured worst cases 3.3% and
@@ -236,7 +236,7 @@ def pin(request: pytest.FixtureRequest, heatmap_snapshot: Any):
     go to the report (``record.heatmap``). Call it after the claim's own assertions, so a failing
     claim reports its measurement first.
     """
-    from mechtests.snapshot import DEFAULT_ATOL, assert_heatmap
+    from mechtests.suite.snapshot import DEFAULT_ATOL, assert_heatmap
 
     marker = request.node.get_closest_marker("claim")
     own = set(marker.kwargs.get("subjects") or []) if marker else set()
@@ -263,7 +263,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     """A claim's crash (any exception but its assertion) is an *error*, a bug and not a finding;
     ``Inconclusive`` (the effect-size guard) is its own outcome; a model whose weights are
     absent is one grouped skip with the how-to, not one per test."""
-    from mechtests.claims import Inconclusive
+    from mechtests.suite.claims import Inconclusive
 
     report = yield
     exc = call.excinfo
@@ -301,7 +301,7 @@ _MUTANTS = pytest.StashKey[dict]()
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
     """Under ``--mutate``, a claim test that held is re-run on its subject's mutants."""
-    from mechtests.report import PREFIX
+    from mechtests.suite.report import PREFIX
 
     subject = getattr(item, "funcargs", {}).get("subject")
     mutating = (item.config.getoption("--mutate") and subject is not None
@@ -316,7 +316,7 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
                 "error": f"{item.nodeid}: the claim did not hold on its subject"}))
         raise
     if mutating:
-        from mechtests.mutate import MutationError, run_test
+        from mechtests.suite.mutate import MutationError, run_test
 
         cache = item.config.stash.setdefault(_MUTANTS, {})
         try:
@@ -331,7 +331,7 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
 def pytest_pyfunc_call(pyfuncitem: pytest.Function):
     """A claim on a model the engine cannot run exactly is skipped with the engine's reason
     (what the model has, what is missing), not reported as failed or errored."""
-    from mechtests.engine import UnsupportedArchitecture
+    from mechtests.core.engine import UnsupportedArchitecture
 
     outcome = yield
     exc = outcome.excinfo[1] if outcome.excinfo else None

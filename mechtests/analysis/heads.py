@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mechtests.attribution import (
+from mechtests.analysis.attribution import (
     Pos,
     Tokens,
     _check_head,
@@ -23,7 +23,7 @@ from mechtests.attribution import (
     _run,
     _tokens,
 )
-from mechtests.result import Result
+from mechtests.core.result import Result
 
 KINDS = ("previous_token", "duplicate_token", "induction")
 

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mechtests.models import ORGANISMS
-from mechtests.report import OPS
+from mechtests.core.models import ORGANISMS
+from mechtests.suite.report import OPS
 
 T = TypeVar("T")
 
