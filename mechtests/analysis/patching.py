@@ -28,7 +28,6 @@ gives restoration. Components are named ``"9.9"`` (layer 9 head 9), ``"attn9"`` 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby, product
@@ -38,6 +37,7 @@ import torch
 from mechtests.core.engine import Ctx, Engine
 from mechtests.core.progress import progress
 from mechtests.core.result import Result
+from mechtests.core.sites import Component, Head, LayerOut, component
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -498,27 +498,20 @@ patch_neurons = _view("mlp_post", ("layer", "neuron"))
 
 
 # -- ablations --------------------------------------------------------------------------------
-_COMPONENT = re.compile(r"^(?:(\d+)\.(\d+)|(attn|mlp)_?(\d+)|mlp_?(\d+)\.(\d+))$")
-
-
-def parse_component(engine: Engine, name: str) -> tuple[str, tuple[int, ...]]:
-    """``"9.9"`` -> ("z", (9, 9)); ``"attn9"`` -> ("attn_out", (9,)); ``"mlp9"`` ->
-    ("mlp_out", (9,)); ``"mlp9.1234"`` -> ("mlp_post", (9, 1234))."""
-    m = _COMPONENT.match(str(name).strip())
-    if m is None:
-        raise ValueError(f"unknown component {name!r}: name a head 'L.H' (e.g. '9.9'), a layer "
-                         "'attnL' or 'mlpL' (e.g. 'mlp9'), or a neuron 'mlpL.N' (e.g. "
-                         "'mlp9.1234')")
-    g = m.groups()
-    if g[0] is not None:
-        site, key, sizes = "z", (int(g[0]), int(g[1])), ("head", engine.n_heads)
-    elif g[2] is not None:
-        site, key, sizes = f"{g[2]}_out", (int(g[3]),), None
+def parse_component(engine: Engine, name: str | Component) -> tuple[str, tuple[int, ...]]:
+    """The engine site and index of a component: ``"9.9"`` -> ("z", (9, 9)); ``"attn9"`` ->
+    ("attn_out", (9,)); ``"mlp9"`` -> ("mlp_out", (9,)); ``"mlp9.1234"`` -> ("mlp_post",
+    (9, 1234)). Indices are checked against the model."""
+    c = component(name)
+    if isinstance(c, Head):
+        site, key, sizes = "z", (c.layer, c.head), ("head", engine.n_heads)
+    elif isinstance(c, LayerOut):
+        site, key, sizes = f"{c.kind}_out", (c.layer,), None
     else:
-        site, key, sizes = "mlp_post", (int(g[4]), int(g[5])), ("neuron", engine.d_mlp)
-    _check_range("layer", key[:1], engine.n_layers, f" (in component {name!r})")
+        site, key, sizes = "mlp_post", (c.layer, c.index), ("neuron", engine.d_mlp)
+    _check_range("layer", key[:1], engine.n_layers, f" (in component {str(c)!r})")
     if sizes:
-        _check_range(sizes[0], key[1:], sizes[1], f" (in component {name!r})")
+        _check_range(sizes[0], key[1:], sizes[1], f" (in component {str(c)!r})")
     return site, key
 
 
