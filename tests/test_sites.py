@@ -5,9 +5,9 @@ import pytest
 from mechtests.core.sites import Head, LayerOut, Neuron, component, heads
 
 
-@pytest.mark.parametrize("name, want", [("9.9", Head(9, 9)), ("10.0", Head(10, 0)),
-                                        ("attn3", LayerOut("attn", 3)), ("mlp_2", LayerOut("mlp", 2)),
-                                        ("mlp9.1234", Neuron(9, 1234))])
+@pytest.mark.parametrize("name, want", [
+    ("9.9", Head(9, 9)), ("10.0", Head(10, 0)), ("attn3", LayerOut("attn", 3)),
+    ("mlp_2", LayerOut("mlp", 2)), ("mlp9.1234", Neuron(9, 1234))])
 def test_names_parse_to_typed_components(name, want):
     assert component(name) == want
 
