@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,7 +157,19 @@ def test_extension_matches_within_the_data_tolerance_and_rejects_other_data():
         within(result(torch.zeros(2, 3)), atol=-1)
 
 
-def test_model_of_reads_the_subject_or_model_parameter(request):
+@pytest.mark.parametrize("params,expect", [
+    ({"subject": SimpleNamespace(spec="fixtures/organisms/induction")},
+     "fixtures/organisms/induction"),                           # a loaded subject: its spec
+    ({"subject": "multitask", "kind": "ABBA"}, "multitask"),    # a subject given by name
+    ({"model": "gpt2", "kind": "BABA"}, "gpt2"),                # the ``model`` parameter
+    ({"subject": "a", "model": "b"}, "a"),                      # subject first
+    ({"kind": "ABBA"}, None),                                   # neither
+], ids=["subject-spec", "subject-str", "model", "subject-first", "neither"])
+def test_model_of_reads_the_subject_or_model_parameter(params, expect):
+    assert model_of(SimpleNamespace(callspec=SimpleNamespace(params=params))) == expect
+
+
+def test_model_of_an_unparametrized_test_is_none(request):
     assert model_of(request.node) is None
 
 
