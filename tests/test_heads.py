@@ -83,10 +83,15 @@ def test_target_row_scores_are_stripe_means(model, rep):
         Hd.head_scores(model, torch.arange(2, 9)[None], "induction", over="targets")
 
 
-def test_induction_scores_default_tokens(model):
+def test_induction_scores_equal_tl_detector_on_their_tokens(model):
+    """The default tokens skip <bos> and <unk> (ids 0, 1); the score is TL's detector on them."""
     r = Hd.induction_scores(model, n_tokens=5, batch=2, seed=0)
-    toks = Hd.repeated_random_tokens(5, 2, 0, (2, model.cfg.d_vocab), bos=0)  # skip <bos> <unk>
-    assert torch.allclose(r.values, Hd.head_scores(model, toks, "induction").values)
+    toks = Hd.repeated_random_tokens(5, 2, 0, (2, model.cfg.d_vocab), bos=0)
+    vocab = model.tokenizer.convert_ids_to_tokens(list(range(model.cfg.d_vocab)))
+    texts = [" ".join(vocab[i] for i in row[1:].tolist()) for row in toks]   # TL adds the BOS
+    assert torch.equal(model.to_tokens(texts).cpu(), toks)
+    tl = hd.detect_head(model, texts, "induction_head")
+    assert r.axes == ("layer", "head") and (r.values - tl).abs().max() < 1e-5
 
 
 def test_attention_between_and_pattern(model, rep):
