@@ -226,18 +226,31 @@ def test_mean_difference_direction_and_steering(model, data):
     assert (one.per_prompt[:, 0] - metric(lg[:, -1])).abs().max() < 1e-4
 
 
+def _d_prime(xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """Reference d' from the definition, in float64, neuron by neuron with the statistics module."""
+    import statistics as st
+
+    out = []
+    for a, b in zip(xa.double().T.tolist(), xb.double().T.tolist()):
+        pooled = ((st.pvariance(a) + st.pvariance(b)) / 2) ** 0.5
+        out.append((st.fmean(a) - st.fmean(b)) / max(pooled, 1e-6))
+    return torch.tensor(out)
+
+
 def test_separating_neurons(model, data):
     a, b = data.toks[:3], data.toks[3:]
     r = A.separating_neurons(model, a, b, layer=1)
     assert r.labels["layer"] == ["1"] and r.values.shape == (1, 128)
-    post = data.cache["blocks.1.mlp.hook_post"][:, -1]
-    xa, xb = post[:3], post[3:]
-    pooled = ((xa.var(0, unbiased=False) + xb.var(0, unbiased=False)) / 2).sqrt()
-    expect = (xa.mean(0) - xb.mean(0)) / pooled.clamp_min(1e-6)
-    assert (r.values[0] - expect).abs().max() < 1e-3
-    both = A.separating_neurons(model, b, a)
-    assert both.values.shape == (2, 128)
-    assert torch.allclose(both.values[1], -r.values[0], atol=1e-4)
-    assert both.top_k(1)[0][0].startswith(("0.", "1."))
+    post = data.cache["blocks.1.mlp.hook_post"][:, -1]                    # TL's cache
+    assert (r.values[0].double() - _d_prime(post[:3], post[3:])).abs().max() < 1e-3
+    # every layer, each set read at its own positions (per prompt for a, one for b)
+    pa, pb = [1, 4, 8], 2
+    both = A.separating_neurons(model, a, b, pos_a=pa, pos_b=pb)
+    assert both.labels["layer"] == ["0", "1"] and both.values.shape == (2, 128)
+    ref = torch.stack([_d_prime(acts[torch.arange(3), torch.tensor(pa)], acts[3:, pb])
+                       for acts in (data.cache[f"blocks.{la}.mlp.hook_post"] for la in (0, 1))])
+    assert (both.values.double() - ref).abs().max() < 1e-3
+    layer, neuron = divmod(int(ref.argmax()), 128)                       # the most A-selective
+    assert both.top_k(1)[0][0] == f"{layer}.{neuron}"
     with pytest.raises(ValueError, match="at least 2 prompts"):
         A.separating_neurons(model, a[:1], b)
