@@ -218,37 +218,66 @@ ABLATED = [("0.1", "blocks.0.attn.hook_z", (slice(None), slice(None), 1)),
            ("mlp2.5", "blocks.2.mlp.hook_post", (slice(None), slice(None), 5))]
 
 
+def _hooked_ablation(model, tokens, metric, ablated, value_of):
+    """The metric with each (name, idx) in ``ablated`` replaced by ``value_of(name)[idx]``, in
+    one TransformerLens forward (the bridge's hooks)."""
+    def hook(name, idx):
+        def f(a, hook=None):
+            a = a.clone()
+            a[idx] = value_of(name).to(a.dtype).expand_as(a)[idx]
+            return a
+        return (name, f)
+    with torch.no_grad():
+        return metric(model.run_with_hooks(tokens, fwd_hooks=[hook(n, i) for n, i in ablated])
+                      [:, -1])
+
+
 @pytest.mark.parametrize("how", ["zero", "mean", "resample"])
 def test_ablations_equal_transformer_lens_hooks(rich, prompts, how):
+    """The replacement values come from TransformerLens's cache of the reference prompts (zero,
+    the per-position mean, or one reference prompt's own activation), never from the library."""
     model, engine = rich
     _, tokens, metric = prompts
     reference = make_prompts(model.cfg.d_vocab, 5, tokens.shape[1], seed=9)[0]
     names = [c for c, _, _ in ABLATED]
-    values = P.ablation_values(engine, tokens, {n for _, n, _ in ABLATED}, how, reference)
-
-    def hook(name, idx):
-        def f(a, hook=None):
-            a = a.clone()
-            a[idx] = values[name][idx]
-            return a
-        return (name, f)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(reference)
     singly = P.ablate(engine, tokens, names, metric, how=how, reference=reference)
     together = P.ablate(engine, tokens, names, metric, how=how, reference=reference,
                         together=True)
-    with torch.no_grad():
-        for j, (_, name, idx) in enumerate(ABLATED):
-            ref = metric(model.run_with_hooks(tokens, fwd_hooks=[hook(name, idx)])[:, -1])
-            assert torch.allclose(singly.per_prompt[:, j], ref, atol=ATOL)
-        all_hooks = [hook(n, i) for _, n, i in ABLATED]
-        ref = metric(model.run_with_hooks(tokens, fwd_hooks=all_hooks)[:, -1])
-    assert torch.allclose(together.per_prompt[:, 0], ref, atol=ATOL)
     assert together.labels["component"] == ["+".join(names)]
-    if how == "zero":
-        assert values["blocks.0.attn.hook_z"].abs().max() == 0
-    if how == "mean":
-        _, ref_acts = engine.run(reference, ["blocks.1.hook_attn_out"])
-        assert torch.allclose(values["blocks.1.hook_attn_out"][0],
-                              ref_acts["blocks.1.hook_attn_out"].mean(0))
+    pairs = [(n, i) for _, n, i in ABLATED]
+    if how == "resample":
+        # each prompt takes one reference prompt's activations, the same one for every component
+        rows = [lambda name, r=r: cache[name][r:r + 1] for r in range(len(reference))]
+    else:
+        rows = [(lambda name: torch.zeros_like(cache[name][:1])) if how == "zero"
+                else (lambda name: cache[name].mean(0, keepdim=True))]
+    refs = [torch.stack([_hooked_ablation(model, tokens, metric, [p], row) for p in pairs], 1)
+            for row in rows]                                             # [N, component] each
+    alls = [_hooked_ablation(model, tokens, metric, pairs, row) for row in rows]       # [N]
+    for i in range(len(tokens)):
+        assert any(torch.allclose(singly.per_prompt[i], ref[i], atol=ATOL)
+                   and torch.allclose(together.per_prompt[i, 0], full[i], atol=ATOL)
+                   for ref, full in zip(refs, alls)), (how, i)
+    # the ablations do something (else the comparison above says little)
+    with torch.no_grad():
+        clean = metric(model(tokens)[:, -1])
+    assert (singly.per_prompt - clean[:, None]).abs().max() > 5 * ATOL
+
+
+def test_mean_ablation_over_a_reference_of_another_length(rich, prompts):
+    """Reference prompts of another length: the mean over their prompts and positions."""
+    model, engine = rich
+    _, tokens, metric = prompts
+    reference = make_prompts(model.cfg.d_vocab, 4, tokens.shape[1] + 3, seed=5)[0]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(reference)
+    got = P.ablate(engine, tokens, ["attn1", "2.3"], metric, how="mean", reference=reference)
+    for j, (name, idx) in enumerate([ABLATED[2][1:], ABLATED[1][1:]]):
+        ref = _hooked_ablation(model, tokens, metric, [(name, idx)],
+                               lambda n: cache[n].mean((0, 1), keepdim=True))
+        assert torch.allclose(got.per_prompt[:, j], ref, atol=ATOL)
 
 
 def test_resample_is_seeded(rich, prompts):
