@@ -1,9 +1,11 @@
-# Two targets do all the set-up on a fresh machine: `make claims` and `make test`.
+# Every target does the set-up on a fresh machine (venv, torch 2.13.0, the project) first.
+# make claims: the claims; make test: library tests + claims, fast (not `heavy`);
+# make test-heavy: the `heavy` tests (TransformerLens at GPT-2 scale, trainings); make test-all: both.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: claims test bench lint example-report browser
+.PHONY: claims test test-heavy test-all bench lint example-report browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,8 +18,16 @@ $(BIN)/.installed: pyproject.toml
 claims: $(BIN)/.installed  ## the main job: every claim against the shipped organisms
 	$(BIN)/pytest claims/
 
-test: $(BIN)/.installed browser  ## the whole suite: library tests, claims, benchmarks' agreement checks
-	$(BIN)/pytest tests/ claims/ benchmarks/ --benchmark-disable
+SUITE := tests/ claims/ benchmarks/ --benchmark-disable
+
+test: $(BIN)/.installed browser  ## the library's tests and the claims, without the heavy ones
+	$(BIN)/pytest tests/ claims/ -m "not heavy"
+
+test-heavy: $(BIN)/.installed  ## TransformerLens comparisons at GPT-2 scale, GPT-2-shaped claims, trainings
+	$(BIN)/pytest $(SUITE) -m heavy
+
+test-all: $(BIN)/.installed browser  ## the whole suite (test + test-heavy) in one run; what CI runs
+	$(BIN)/pytest $(SUITE)
 
 bench: $(BIN)/.installed  ## speed against TransformerLens (pytest-benchmark)
 	$(BIN)/pytest benchmarks/ --benchmark-columns=min,mean,max,rounds --benchmark-group-by=group

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 from cases import assert_agree, cells, prompts, run_ours, run_tl
 
+pytestmark = pytest.mark.heavy  # TransformerLens reference runs at GPT-2 scale
+
 SHAPES = {
     # EleutherAI/pythia-160m's config: 12 x 12 heads, d_model 768, rotary_pct 0.25, parallel
     "pythia-160m": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(

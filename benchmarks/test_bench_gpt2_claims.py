@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.heavy  # the GPT-2 claims timed at GPT-2 scale
+
 ROOT = Path(__file__).resolve().parent.parent
 GPT2_CLAIM_FILES = ("test_contraction.py", "test_entropy_neurons.py", "test_gender.py",
                     "test_induction.py", "test_ioi.py", "test_logit_lens.py",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 from cases import CASES, TASKS, assert_agree, cells, prompts, run_ours, run_tl
 
+pytestmark = pytest.mark.heavy  # TransformerLens reference runs at GPT-2 scale
+
 IMPLS = ("transformer_lens", "mechtests")
 _results: dict = {}
 

@@ -145,31 +145,6 @@ def test_multitask_claims_fail_when_the_mechanism_heads_are_zeroed(pytester, tmp
     assert all(t["kind"] == "behaviour" or t["breaks"] == {"qk"} for t in held), held
 
 
-def test_gpt2_claims_run_end_to_end_and_fail_on_a_random_gpt2_shaped_model(pytester, tmp_path):
-    """GPT-2's weights are not here, but every GPT-2 claim's code runs on a model of its shape
-    (random weights, a tokenizer that splits like GPT-2's): nothing errors, and nothing holds."""
-    from mechtests.testing import save_gpt2_shaped_checkpoint
-
-    model = save_gpt2_shaped_checkpoint(tmp_path / "gpt2_shaped")
-    res = pytester.runpytest(str(ROOT / "claims"), "--model", str(model), "--no-report",
-                             "-p", "no:cacheprovider", "-q")
-    got = outcomes(res)
-    assert not got.get("passed"), got
-    assert got.get("failed", 0) + got.get("inconclusive", 0) >= 20, got
-    # The only errors: GPT-2's 'names' recall family mixes templates of different token counts
-    # (" top-notch student" vs " great teacher"), so it cannot run as one batch. This crashed
-    # before too, shown then as an ordinary failure; it is a bug in the family, not a finding.
-    errors = [line for line in res.stdout.str().splitlines() if line.startswith("  ERROR ")]
-    assert len(errors) == got.get("errors", got.get("error", 0)), errors
-    assert all("-names]" in e and "PromptError: family 'recall'" in e for e in errors), errors
-    # gender.neurons held on such a model once it had GPT-2's tokenizer: the guard now makes
-    # it inconclusive (the random model's logit diff barely moves between the two sets)
-    out = res.stdout.str()
-    assert "INCONCLUSIVE" in out or "inconclusive" in out
-    assert "test_most_separating_neuron_pushes_towards_its_pronoun" not in " ".join(
-        line for line in out.splitlines() if "PASSED" in line)
-
-
 # -- one test per defect found in review (issue 11) ------------------------------------------------
 def report_of(pytester: pytest.Pytester) -> dict:
     return __import__("json").loads(next(pytester.path.glob("out/run-*/report.json")).read_text())

@@ -93,6 +93,7 @@ def test_multitask_accuracy(organism):
 # --- a quick retrain finds the mechanism again -------------------------------------------------
 
 
+@pytest.mark.heavy  # trains an organism: minutes of CPU
 def test_induction_retrain_finds_mechanism_again(tmp_path):
     out = run(["induction", "--out", str(tmp_path / "ind"), "--seed", "1"])
     m = load_model(str(out), device="cpu")
