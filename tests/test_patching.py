@@ -89,32 +89,49 @@ def test_sweep_equals_transformer_lens(rich, prompts, site, tl_fn, by, perm):
     assert ours.axes == by and len(ours.labels["layer"]) == engine.n_layers
 
 
-def hook_loop(engine, base, source, site_names, metric, read=-1):
-    """Reference: one forward per patch on the engine, replacing ``site[idx]`` with source's."""
-    _, src = engine.run(source, site_names)
+def hook_loop(model, base, source, metric, read=-1):
+    """Reference: one TransformerLens forward per patch (the bridge's hooks), replacing
+    ``name[idx]`` in the run on ``base`` with its value in the run on ``source``."""
+    with torch.no_grad():
+        _, src = model.run_with_cache(source)
 
     def run(name, idx):
-        def edit(a):
+        def hook(a, hook=None):
             a = a.clone()
             a[idx] = src[name][idx]
             return a
-        logits, _ = engine.run(base, edits={name: edit})
+        with torch.no_grad():
+            logits = model.run_with_hooks(base, fwd_hooks=[(name, hook)])
         return metric(logits[torch.arange(len(base)), read])
     return run
 
 
 def test_resid_mid_equals_hook_loop(rich, prompts):
     """The bridge's hook_resid_mid is an alias of ln2.hook_in (patching it changes only the MLP
-    input), so TL's get_act_patch_resid_mid is not the residual-stream patch; compare with a
-    hook loop on the full residual instead."""
-    _, engine = rich
+    input), so TL's get_act_patch_resid_mid is not the residual-stream patch. The reference sets
+    the residual stream after attention through TL's own hooks instead: at the patched position,
+    attn_out := source resid_mid - this run's resid_pre (resid_mid = resid_pre + attn_out)."""
+    model, engine = rich
     clean, corrupted, metric = prompts
-    names = [f"blocks.{la}.hook_resid_mid" for la in range(engine.n_layers)]
-    ref = hook_loop(engine, corrupted, clean, names, metric)
     ours = P.patch_resid_mid(engine, clean, corrupted, metric)
+    with torch.no_grad():
+        _, src = model.run_with_cache(clean)
+    pre = {}
+
+    def grab(a, hook=None):
+        pre["x"] = a
+        return a
+
     for la, p in itertools.product(range(engine.n_layers), range(clean.shape[1])):
-        want = ref(names[la], (slice(None), p))
-        assert torch.allclose(ours.per_prompt[:, la, p], want, atol=ATOL)
+
+        def attn(a, hook=None, la=la, p=p):
+            a = a.clone()
+            a[:, p] = src[f"blocks.{la}.hook_resid_mid"][:, p] - pre["x"][:, p]
+            return a
+        with torch.no_grad():
+            logits = model.run_with_hooks(corrupted, fwd_hooks=[
+                (f"blocks.{la}.hook_resid_pre", grab), (f"blocks.{la}.hook_attn_out", attn)])
+        assert torch.allclose(ours.per_prompt[:, la, p], metric(logits[:, -1]), atol=ATOL)
 
 
 def test_noising_equals_transformer_lens(rich, prompts):
@@ -149,7 +166,7 @@ def test_neurons_equal_hook_loop(rich, prompts):
     positions, neurons = [2, clean.shape[1] - 1], [0, 5, 77, 127]
     ours = P.patch_neurons(engine, clean, corrupted, metric, positions=positions, neurons=neurons)
     names = [f"blocks.{la}.mlp.hook_post" for la in range(engine.n_layers)]
-    ref = hook_loop(engine, corrupted, clean, names, metric)
+    ref = hook_loop(rich[0], corrupted, clean, metric)
     for la, (j, n) in itertools.product(range(engine.n_layers), enumerate(neurons)):
         want = ref(names[la], (slice(None), positions, n))
         assert torch.allclose(ours.per_prompt[:, la, j], want, atol=ATOL)
@@ -176,39 +193,44 @@ def test_path_patching_equals_transformer_lens_direct_path(rich, prompts, compon
 
 
 def test_path_patching_to_a_set_equals_hook_loop(rich, prompts):
-    """Two receivers in different layers: each receiver's query input gets the sender's write."""
-    _, engine = rich
+    """Two receivers in different layers: each receiver's query input gets the sender's write.
+    The reference runs TransformerLens's forward with its hooks: each receiver's query is
+    recomputed by hand from the hooked residual stream plus the write (compat mode: LayerNorm
+    folded into W_Q, so only centring and scaling remain)."""
+    model, engine = rich
     clean, corrupted, metric = prompts
     ours = P.path_patch(engine, clean, corrupted, metric, ["1.2", "2.0"], component="q")
-    _, cz = engine.run(clean, ["blocks.0.attn.hook_z"])
-    _, kz = engine.run(corrupted, ["blocks.0.attn.hook_z"])
+    with torch.no_grad():
+        _, cz = model.run_with_cache(clean)
+        logits_k, kz = model.run_with_cache(corrupted)
     write = (cz["blocks.0.attn.hook_z"][:, :, 3] - kz["blocks.0.attn.hook_z"][:, :, 3]) \
-        @ engine.W_O[0, 3]
+        @ model.W_O[0, 3]
     acts = {}
 
     def grab(name):
-        def f(a):
+        def f(a, hook=None):
             acts[name] = a
             return a
         return f
 
     def recv(layer, head):
-        def f(q):
+        def f(q, hook=None):
             x = acts[f"blocks.{layer}.hook_resid_pre"] + write
             x = x - x.mean(-1, keepdim=True)
-            x = x / (x.pow(2).mean(-1, keepdim=True) + engine.eps).sqrt()
+            x = x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
             q = q.clone()
-            q[:, :, head] = x @ engine.W_Q[layer, head] + engine.b_Q[layer, head]
+            q[:, :, head] = x @ model.W_Q[layer, head] + model.b_Q[layer, head]
             return q
         return f
-    edits = {"blocks.1.hook_resid_pre": grab("blocks.1.hook_resid_pre"),
-             "blocks.2.hook_resid_pre": grab("blocks.2.hook_resid_pre"),
-             "blocks.1.attn.hook_q": recv(1, 2), "blocks.2.attn.hook_q": recv(2, 0)}
-    logits, _ = engine.run(corrupted, edits=edits, logits_at=-1)
-    assert torch.allclose(ours.per_prompt[:, 0, 3], metric(logits), atol=ATOL)
-    # senders in or after the last receiver's layer change nothing
-    assert torch.allclose(ours.per_prompt[:, 2], torch.tensor(ours.meta["corrupted_per_prompt"])
-                          [:, None].expand(-1, engine.n_heads), atol=ATOL)
+    with torch.no_grad():
+        logits = model.run_with_hooks(corrupted, fwd_hooks=[
+            ("blocks.1.hook_resid_pre", grab("blocks.1.hook_resid_pre")),
+            ("blocks.2.hook_resid_pre", grab("blocks.2.hook_resid_pre")),
+            ("blocks.1.attn.hook_q", recv(1, 2)), ("blocks.2.attn.hook_q", recv(2, 0))])
+    assert torch.allclose(ours.per_prompt[:, 0, 3], metric(logits[:, -1]), atol=ATOL)
+    # senders in or after the last receiver's layer change nothing: the corrupted run's metric
+    assert torch.allclose(ours.per_prompt[:, 2], metric(logits_k[:, -1])[:, None]
+                          .expand(-1, engine.n_heads), atol=ATOL)
 
 
 ABLATED = [("0.1", "blocks.0.attn.hook_z", (slice(None), slice(None), 1)),
