@@ -80,10 +80,18 @@ def _seed(text: str) -> int:
 def _specs(specs: list[str]) -> list[str]:
     """The specs once each, in order: the same model given twice runs (and is reported) once.
 
-    Two spellings of one existing directory (``ckpt``, ``./ckpt/``) count as the same model.
+    A sequence (a directory of checkpoints, or a glob) becomes its checkpoints, ordered by
+    training step (``mechtests.core.sequence``). Two spellings of one existing directory
+    (``ckpt``, ``./ckpt/``) count as the same model.
     """
     from pathlib import Path
 
+    from mechtests.core.sequence import SequenceError, expand_all
+
+    try:
+        specs = expand_all(specs)
+    except SequenceError as exc:
+        raise pytest.UsageError(str(exc)) from None
     seen: dict[str, str] = {}
     for spec in specs:
         path = Path(spec).expanduser()
