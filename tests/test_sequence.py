@@ -203,3 +203,57 @@ def test_merge_refuses_another_version_and_a_missing_report(pytester, run_dir, t
 ])
 def test_xdist_worker_takes_one_gpu(device, worker, n_gpus, want):
     assert worker_device(device, worker, n_gpus) == want
+
+
+# -- the training recipe saves the sequence ------------------------------------------------------
+def test_save_every_writes_ordinary_checkpoints_and_leaves_training_unchanged(tmp_path):
+    from mechtests.core.models import check_checkpoint
+    from mechtests.organisms.train import run
+
+    run(["induction", "--out", str(tmp_path / "plain"), "--steps", "4"])
+    run(["induction", "--out", str(tmp_path / "saved"), "--steps", "4", "--save-every", "2"])
+    steps = tmp_path / "saved" / "steps"
+    assert [Path(s).name for s in expand(str(steps))] == [
+        "step-000000", "step-000002", "step-000004"]
+    for d in steps.iterdir():
+        check_checkpoint(d)  # config, safetensors, tokenizer: an ordinary HF checkpoint
+        info = json.loads((d / "training.json").read_text())
+        assert info["step"] == int(d.name[5:]) and info["loss"] > 0
+        assert info["command"].endswith("--save-every 2")
+    # saving touches no random state: the last step is the plain run's checkpoint, byte for byte
+    final = (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert (steps / "step-000004" / "model.safetensors").read_bytes() == final
+    assert (steps / "step-000002" / "model.safetensors").read_bytes() != final
+
+
+# -- Ray: each checkpoint one task, one merged report ----------------------------------------------
+SHIPPED = Path(__file__).resolve().parent.parent / "fixtures" / "checkpoints" / "induction-steps"
+
+
+@pytest.mark.heavy
+def test_ray_runs_each_checkpoint_as_a_task_and_merges(tmp_path):
+    """A real local Ray cluster, three shipped checkpoints, one claim file: the merged report
+    has each checkpoint's outcome and values, equal to a plain pytest run on that checkpoint."""
+    pytest.importorskip("ray", reason="Ray is the optional extra: pip install -e '.[cluster]'")
+    from mechtests.suite.cluster import run, run_checkpoint
+
+    root = Path(__file__).resolve().parent.parent
+    picked = [SHIPPED / f"step-{s:06d}" for s in (0, 600, 1200)]
+    args = ["claims/test_induction.py", "-k", "some_head_does_induction"]
+    written, done = run([str(p) for p in picked], args, tmp_path / "out", num_cpus=2, cwd=root)
+    assert written is not None, [d["tail"] for d in done]
+    assert all(d["report"] is not None for d in done)
+    data = json.loads((written / "report.json").read_text())
+    assert data["models"] == [str(p) for p in picked]
+    assert [data["checkpoints"][str(p)]["step"] for p in picked] == [0, 600, 1200]
+    (claim,) = [c for c in data["claims"] if c["id"] == "induction.exists"]
+    # the same numbers as an ordinary run on one checkpoint (here, not through Ray)
+    alone = run_checkpoint(str(picked[2]), args, str(root))["report"]
+    (ref,) = [c for c in alone["claims"] if c["id"] == "induction.exists"]
+    cell, ref_cell = claim["cells"][str(picked[2])], ref["cells"][str(picked[2])]
+    assert cell["outcome"] == ref_cell["outcome"] == "held"
+    got = [m["value"] for t in cell["tests"] for m in t["measurements"]]
+    assert got and got == [m["value"] for t in ref_cell["tests"] for m in t["measurements"]]
+    # at initialisation no induction head exists: the claim fails there
+    assert claim["cells"][str(picked[0])]["outcome"] == "failed"
+    assert data["settings"]["ray"]["tasks"] == 3

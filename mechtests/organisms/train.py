@@ -215,7 +215,7 @@ def train(r: Recipe, progress: bool = True, save_every: int = 0, out: Path | Non
         tokens, weights = make_batch(r, step, ids)
         loss = batch_loss(model, tokens, weights)
         if save_every and out is not None and step % save_every == 0:
-            save_step(model, tok, r, step, loss.item(), ema, out)
+            save_step(model, tok, r, step, loss.item(), ema, out, save_every)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -229,7 +229,7 @@ def train(r: Recipe, progress: bool = True, save_every: int = 0, out: Path | Non
     if save_every and out is not None:
         with torch.no_grad():
             last = batch_loss(model, *make_batch(r, r.steps, ids)).item()
-        save_step(model, tok, r, r.steps, last, ema, out)
+        save_step(model, tok, r, r.steps, last, ema, out, save_every)
     return model, tok, ema
 
 
@@ -246,7 +246,7 @@ def step_dir(out: Path, step: int) -> Path:
 
 
 def save_step(model, tok, r: Recipe, step: int, loss: float, ema: float | None,
-              out: Path) -> None:
+              out: Path, every: int) -> None:
     """One intermediate checkpoint of a ``--save-every`` run (``step`` optimizer steps done).
 
     ``loss``: these very weights' training loss on batch ``step``, the next batch, not yet
@@ -266,7 +266,7 @@ def save_step(model, tok, r: Recipe, step: int, loss: float, ema: float | None,
             "loss_ema": None if ema is None else round(float(ema), 6),
             "loss_kind": f"{what}, on the next batch (not yet trained on)",
             "command": (f"python -m mechtests.organisms.train {r.organism} --out DIR "
-                        + " ".join(recipe_args(r))).strip() + " --save-every N"}
+                        + " ".join(recipe_args(r))).strip() + f" --save-every {every}"}
     (d / "training.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     if was_training:
         model.train()

@@ -686,8 +686,11 @@ def _draw_steps(claim: dict[str, Any], data: dict[str, Any], names: dict[str, st
         if len(losses) >= 2:
             twin = ax.twinx()
             lx, ly = zip(*losses)
-            twin.plot(lx, ly, color="#aaa", linewidth=1, label="training loss")
-            twin.set_ylabel("training loss", fontsize=8, color="#777")
+            kinds = [str((info.get(m) or {}).get("loss_kind", "")) for m in order]
+            label = kinds[0].split(",")[0] if kinds[0] and len(set(kinds)) == 1 \
+                else "training loss"
+            twin.plot(lx, ly, color="#aaa", linewidth=1, label=label)
+            twin.set_ylabel(label, fontsize=8, color="#777")
             twin.tick_params(labelsize=7, colors="#777")
         ax.set_xlabel("training step", fontsize=9)
         ax.set_ylabel("value", fontsize=9)
