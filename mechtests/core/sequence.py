@@ -32,10 +32,17 @@ def is_glob(spec: str) -> bool:
     return any(c in spec for c in GLOB_CHARS)
 
 
+CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.bin", "tokenizer.json", "vocab.json",
+                    "model.safetensors.index.json")
+
+
 def is_sequence(spec: str) -> bool:
-    """A glob, or an existing directory that is not itself a checkpoint (no config.json)."""
+    """A glob, or an existing directory that is not itself a checkpoint (holds none of a
+    checkpoint's files: a broken checkpoint is reported as one, naming what it lacks)."""
     path = Path(spec).expanduser()
-    return is_glob(spec) or (path.is_dir() and not (path / "config.json").is_file())
+    if is_glob(spec):
+        return True
+    return path.is_dir() and not any(next(path.glob(p), None) for p in CHECKPOINT_FILES)
 
 
 def _training(path: Path) -> dict[str, Any]:

@@ -609,7 +609,8 @@ def _draw_row(claim: dict[str, Any], title: str, by_model: dict[str, Any], model
 
 def step_series(claim: dict[str, Any], data: dict[str, Any]) -> dict[tuple[str, int],
                                                                       dict[str, Any]]:
-    """Each measurement of the claim across the checkpoints with steps, in step order:
+    """Each measurement (not sanity checks) of the claim across the checkpoints with steps, in
+    step order:
     ``{(test, i): {what, threshold, op, points: [(step, value, held, model)]}}``."""
     at = steps(data)
     series: dict[tuple[str, int], dict[str, Any]] = {}
@@ -617,7 +618,10 @@ def step_series(claim: dict[str, Any], data: dict[str, Any]) -> dict[tuple[str, 
         cell = claim["cells"].get(m)
         for test in cell["tests"] if cell else []:
             for i, meas in enumerate(test.get("measurements") or []):
-                key = (f"{func_of(test)}[{variant(test, m)}]", i)
+                if meas.get("kind") == "sanity":
+                    continue  # checks that hold by construction are no finding to follow
+                v = variant(test, m)
+                key = (func_of(test) + (f"[{v}]" if v else ""), i)
                 s = series.setdefault(key, {"what": meas.get("what", ""), "points": [],
                                             "threshold": meas.get("threshold"),
                                             "op": meas.get("op", "")})
