@@ -116,6 +116,38 @@ def test_sweep_equals_hook_loop(arch, site, by):
     assert (res.per_prompt - ref).abs().max() < ATOL, name
 
 
+def test_resid_pre_sweep_equals_hugging_face_hooks(arch):
+    """The residual-stream sweep against the checkpoint's own Hugging Face forward: one forward
+    per cell, a pre-hook on decoder layer L replacing position p of its input with the clean
+    run's (``output_hidden_states``). Nothing of the engine is in the reference."""
+    from transformers import AutoModelForCausalLM
+
+    _, path, _, engine = arch
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    layers = next(m for m in hf.modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == engine.n_layers)
+    clean = _tokens(engine, seed=1)
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 7) % engine.d_vocab
+    ours = patching.sweep(engine, "resid_pre", clean, corrupted, METRIC, by=("layer", "pos"))
+    with torch.no_grad():
+        src = hf(clean, output_hidden_states=True).hidden_states       # [L + 1] x [N, T, d]
+    ref = torch.empty(clean.shape[0], engine.n_layers, clean.shape[1])
+    for la, p in ((la, p) for la in range(engine.n_layers) for p in range(clean.shape[1])):
+        def pre(module, args, kwargs, la=la, p=p):
+            x = (args[0] if args else kwargs["hidden_states"]).clone()
+            x[:, p] = src[la][:, p]
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+        handle = layers[la].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                ref[:, la, p] = METRIC(hf(corrupted).logits[:, -1])
+        finally:
+            handle.remove()
+    assert (ref - ref[:, :, :1]).abs().max() > 0.05           # patches move the metric
+    assert (ours.per_prompt - ref).abs().max() < ATOL
+
+
 def test_attribution_views_add_up_to_the_metric(arch):
     """DLA components + b_U give the true logit difference, and the logit lens's final entry
     is it, on LayerNorm and RMSNorm models alike (RMSNorm does not centre)."""
