@@ -116,11 +116,14 @@ def break_ov(component: str) -> Callable[[dict, Any], None]:
     return edit
 
 
-def relabel(sd: dict[str, torch.Tensor], cfg: Any) -> None:
-    """Rotate heads within every layer: new head j is old head j-1 (function-preserving)."""
-    H = cfg.n_head
-    src = [(j - 1) % H for j in range(H)]
-    for layer in range(cfg.n_layer):
+def permute_heads(sd: dict[str, torch.Tensor], cfg: Any,
+                  perms: dict[int, Sequence[int]]) -> None:
+    """Renumber heads within layers, keeping the function: new head ``j`` of layer ``L`` is old
+    head ``perms[L][j]`` (its q/k/v columns and its output rows move together)."""
+    for layer, src in perms.items():
+        if sorted(src) != list(range(cfg.n_head)):
+            raise ValueError(f"layer {layer}: {list(src)} is not a permutation of the "
+                             f"{cfg.n_head} heads")
         p = f"transformer.h.{layer}.attn"
         w, b, o = (sd[f"{p}.c_attn.weight"], sd[f"{p}.c_attn.bias"], sd[f"{p}.c_proj.weight"])
         w0, b0, o0 = w.clone(), b.clone(), o.clone()
@@ -130,6 +133,13 @@ def relabel(sd: dict[str, torch.Tensor], cfg: Any) -> None:
                 b[_cols(cfg, part, j)] = b0[_cols(cfg, part, s)]
         for j, s in enumerate(src):
             o[_rows(cfg, j)] = o0[_rows(cfg, s)]
+
+
+def relabel(sd: dict[str, torch.Tensor], cfg: Any) -> None:
+    """Rotate heads within every layer: new head j is old head j-1 (function-preserving)."""
+    H = cfg.n_head
+    permute_heads(sd, cfg, {layer: [(j - 1) % H for j in range(H)]
+                            for layer in range(cfg.n_layer)})
 
 
 def relabelled(component: str, n_layers: int, n_heads: int) -> str:
