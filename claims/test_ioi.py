@@ -81,8 +81,7 @@ def test_model_prefers_the_indirect_object(subject, kind, record):
 
 
 NAME_MOVERS = Role("name movers", "the heads beyond layer 0 with the largest positive direct "
-                   f"logit attribution, each at least {MIN_MOVER_DLA} (a name mover alone moves "
-                   "the answer by at least half a logit; GPT-2's weakest, 10.0, gives 0.561)")
+                   f"logit attribution, each at least {MIN_MOVER_DLA}")
 NEGATIVE = Role("negative name movers", "the heads with the most negative direct logit "
                 "attribution, each below 0")
 

@@ -86,9 +86,9 @@ def test_the_renumbered_copy_computes_the_same_function(multitask_renumbered):
                            sb["transformer.h.3.attn.c_proj.weight"])
 
 
-ROLE_CLAIMS = {"ioi.name_movers": {"3.3", "1.1"}, "ioi.knockout": {"3.3", "1.1"},
-               "contraction.top_head": {"0.3"}, "contraction.attention": {"0.3"},
-               "contraction.values_not_pattern": {"0.3"}}
+ROLE_CLAIMS = {"ioi.name_movers": ("3.3", "1.1"), "ioi.knockout": ("3.3", "1.1"),
+               "contraction.top_head": ("0.3",), "contraction.attention": ("0.3",),
+               "contraction.values_not_pattern": ("0.3",)}
 
 
 def test_claims_hold_moved_on_a_renumbered_copy(pytester, multitask_renumbered):
@@ -122,7 +122,9 @@ def test_strict_components_fails_on_the_renumbered_copy(pytester, multitask_renu
     for claim in ("ioi.name_movers", "ioi.knockout", "contraction.top_head"):
         for t in tests[claim]:
             assert t["outcome"] == "failed", (claim, t["outcome"])
-            assert "the very same heads must play the role" in t["reason"], t["reason"]
+            moved = {h: where(h) for h in ROLE_CLAIMS[claim]}
+            assert f"missing {list(moved)}" in t["reason"], t["reason"]
+            assert f"among {list(moved.values())}" in t["reason"], t["reason"]
             assert t["beside"] == {"question": "role", "outcome": "held", "reason": ""}, t
     assert res.ret == 1
 

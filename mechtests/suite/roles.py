@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mechtests.core.sites import Head
@@ -91,8 +92,17 @@ def strict_mode(record: Any) -> bool:
 
 
 def is_reference(subject: Any, ref_name: str) -> bool:
-    """The subject is the reference itself (not another checkpoint of its shape, not a mutant)."""
-    return getattr(subject, "name", None) == ref_name and not getattr(subject, "mutant", "")
+    """The subject is the reference itself: not a mutant, not another checkpoint of its shape,
+    not a copy that merely shares its directory name (a shipped organism is its own files)."""
+    from mechtests.core.models import ORGANISMS
+
+    if getattr(subject, "name", None) != ref_name or getattr(subject, "mutant", ""):
+        return False
+    spec = getattr(getattr(subject, "model", None), "mechtests_spec", None)
+    organism = ORGANISMS / ref_name
+    if spec is not None and organism.is_dir():
+        return Path(spec.path).resolve() == organism.resolve()
+    return True
 
 
 def cast(subject: Any, ref_name: str, role: Role, expected: Sequence[str],
