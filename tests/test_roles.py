@@ -225,3 +225,57 @@ def test_strict_mode_checks_the_reference_heads():
         verdict(c, lambda heads: seen.append(tuple(heads)), rec)
     assert rec.besides[-1] == ("role", "held", "")
     assert isinstance(c, Cast)
+
+
+# -- a role claim still fails where the mechanism is gone ----------------------------------------
+def test_no_head_plays_the_name_movers_role_with_layers_1_and_3_zeroed(pytester, tmp_path):
+    """3.3 and 1.1 zeroed alone, backup heads take the role (tests/test_claims_break.py); with
+    every head of layers 1 and 3 zeroed, none can: each IOI head claim fails, saying so."""
+    from tests.test_claims_break import zero_heads
+
+    broken = zero_heads("multitask", [f"{layer}.{h}" for layer in (1, 3) for h in range(4)],
+                        tmp_path / "zero")
+    res = run_claims(pytester, ["test_ioi.py"], broken, "-k", "name_movers or knocking")
+    tests = by_claim(report_of(pytester))
+    for claim in ("ioi.name_movers", "ioi.knockout"):
+        for t in tests[claim]:
+            assert t["outcome"] == "failed", (claim, t["outcome"], t["reason"])
+            assert "no component plays the role 'name movers'" in t["reason"], t["reason"]
+            assert t["beside"]["question"] == "strict" and t["beside"]["outcome"] == "failed"
+    assert res.ret == 1
+
+
+def test_role_claims_fail_on_a_random_copy_of_the_organisms(pytester, tmp_path):
+    from tests.test_claims_break import random_copy
+
+    for organism, files in (("induction", ["test_induction.py"]),
+                            ("multitask", ["test_ioi.py", "test_contraction.py"])):
+        model = random_copy(organism, tmp_path / organism)
+        run_claims(pytester, files, model, "-k", "not logit_diff and not some_head")
+        data = report_of(pytester)
+        for claim, tests in by_claim(data).items():
+            assert all(t["outcome"] in ("failed", "inconclusive", "skipped") for t in tests), \
+                (claim, [(t["outcome"], t["reason"]) for t in tests])
+        shutil.rmtree(next(pytester.path.glob("out")))
+
+
+# -- the seed-7 induction organism: the same circuit on other heads, its look-back head gone ---
+def test_seed7_induction_heads_moved_and_its_look_back_head_is_gone(pytester):
+    """Measured (offset 3): layer-1 induction scores 0.541 0.557 0.536 0.503 (the organism's
+    0.551 0.577 0.606 0.625), top two 1.1 and 1.0; knocking them out still raises the repeat
+    loss. No layer-0 head looks 3 back with 0.45 of its attention (best 0.1 at 0.353; its
+    layer-0 heads spread over 2-4 back, 0.25-0.35 each), so the look-back head is gone."""
+    assert (SEED7 / "model.safetensors").stat().st_size < 1_000_000
+    res = run_claims(pytester, ["test_induction.py"], SEED7)
+    tests = by_claim(report_of(pytester))
+    for claim in ("induction.heads", "induction.ablation"):
+        (t,) = tests[claim]
+        assert t["outcome"] == "moved", (claim, t["outcome"], t["reason"])
+        assert t["moved"] == {"1.3": "1.1", "1.2": "1.0"}, t["moved"]
+        assert t["beside"]["outcome"] == "failed"
+    (t,) = tests["induction.previous_token"]
+    assert t["outcome"] == "failed"
+    assert "no component plays the role 'look-back head'" in t["reason"], t["reason"]
+    (t,) = tests["induction.exists"]
+    assert t["outcome"] == "held"
+    assert res.ret == 1
