@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from claims.families import kinds, measured_on
+from claims.families import expressed_on, kinds, measured_on
 from mechtests.analysis.attribution import head_attribution
 from mechtests.analysis.heads import attention_between
 from mechtests.analysis.patching import ablate
@@ -72,8 +72,9 @@ def _logit_diff(subject, tokens, fam) -> M.Estimate:
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_model_prefers_the_indirect_object(subject, kind, record):
     """Behaviour, not mechanism: the model does the task (what it measures is the effect the
-    other IOI claims' guard requires, so it has no guard of its own)."""
-    ref, fam = measured_on("ioi", subject, REFS, kind, guard=False)
+    other IOI claims' guard requires, so it has no guard of its own). It names no component,
+    so it runs on every checkpoint whose tokenizer can express an IOI family, of any shape."""
+    ref, fam = expressed_on("ioi", subject, REFS, kind)
     est = _logit_diff(subject, fam.clean, fam)
     holds(est.ci_low, ">=", ref.min_logit_diff, "logit(IO) - logit(S), 95% CI lower bound",
           "IO at least e times as likely as S; every published GPT-2 prompt clears 1.7",

@@ -279,3 +279,36 @@ def test_seed7_induction_heads_moved_and_its_look_back_head_is_gone(pytester):
     (t,) = tests["induction.exists"]
     assert t["outcome"] == "held"
     assert res.ret == 1
+
+
+# -- behaviour claims run wherever their prompts can be written ---------------------------------
+def test_behaviour_claim_runs_on_any_shape_that_can_express_its_family(pytester, tmp_path):
+    """ioi.logit_diff names no component: on a 2-layer model with the multitask organism's
+    tokenizer it runs (and fails: random weights), where the head claims skip (no reference of
+    that shape). (The induction organism shares that tokenizer: it runs there too, and fails:
+    CI lows -0.43 and -1.37.) A tokenizer without IOI's words skips, saying so."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = ORGANISMS / "multitask"
+    out = tmp_path / "small"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config.from_pretrained(src, n_layer=2)).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, out / f)
+    run_claims(pytester, ["test_ioi.py"], out)
+    tests = by_claim(report_of(pytester))
+    assert {t["outcome"] for t in tests["ioi.logit_diff"]} == {"failed"}, tests["ioi.logit_diff"]
+    assert all(t["outcome"] == "skipped" and "no reference of this checkpoint's shape"
+               in t["reason"] for t in tests["ioi.name_movers"])
+
+
+def test_behaviour_claim_skips_saying_the_tokenizer_cannot_express_its_family(pytester,
+                                                                              tiny_model_dir):
+    # in a subprocess: an in-process run after another can hold two copies of PromptError
+    res = pytester.runpytest_subprocess(str(ROOT / "claims" / "test_ioi.py"), "--model",
+                                        str(tiny_model_dir), "--no-report", "-p",
+                                        "no:cacheprovider", "-q", "-rs", "-k", "prefers")
+    out = res.stdout.str()
+    assert "tokenizer cannot express the 'ioi' prompt family 'ABBA' of any reference" in out, \
+        out[-2000:]
+    assert "multitask's: family" in out and "gpt2's: family" in out
