@@ -16,6 +16,9 @@ direct logit attribution (0.96, 0.3 not in the top 3) and 0.0, a layer-0 head th
 by position, by patching (0.35, 0.3 next at 0.28). FINDINGS.md's template-0 analysis names 3.2
 and 0.0 for that reason. So "0.3 is the contraction mover" is a claim about this mixed family,
 not about every contraction prompt (tests/test_claims_break.py checks template 0 alone).
+
+The mover is named by role as well as by index (``mechtests.suite.roles``): the head with the
+largest positive direct logit attribution; on the reference it must be the head named here.
 """
 
 from __future__ import annotations

@@ -14,6 +14,12 @@ The induction organism learned a variant (FINDINGS.md): no previous-token head; 
 look 3 (and 2) words back, and its layer-1 heads attend to the token 3 after the earlier copy;
 knocking them out takes the repeat-half loss from 1.05 to 8.0 nats. Its claim is the same one
 with offset 3 and the organism's own floor: attention near 0.6 where a uniform head gets ~0.05.
+
+Heads are named by role as well as by index (``mechtests.suite.roles``): the induction heads are
+the heads beyond layer 0 with the highest induction scores, each over the floor; the look-back
+head the best look-back score in an earlier layer. On the reference they must be the heads named
+here; on another checkpoint of its shape the claims are checked on whoever plays the role (the
+seed-7 organism: held, moved 1.3 -> 1.1, 1.2 -> 1.0; its look-back head is gone).
 """
 
 from __future__ import annotations

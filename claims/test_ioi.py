@@ -12,6 +12,11 @@ GPT-2 numbers (TransformerLens Exploratory Analysis Demo, 8 prompts): mean logit
 negative 10.7 -1.899, 11.10 -0.970; zero-ablating 9.9 alone at the last position takes the
 mean logit diff from 3.55 to 2.92 (backup heads compensate). The organism's heads and numbers
 are those of its own analysis (fixtures/organisms/multitask/FINDINGS.md).
+
+The name movers are named by role as well as by index (``mechtests.suite.roles``): the heads
+beyond layer 0 with the largest positive direct logit attribution, each at least half a logit.
+On the reference they must be the heads named here; on another checkpoint of its shape the
+claims are checked on whoever plays the role (held, moved, or failed: no component plays it).
 """
 
 from __future__ import annotations
