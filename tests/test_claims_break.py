@@ -178,7 +178,7 @@ def test_mutation_run_calls_the_reviewed_claims_discriminating(pytester):
         "recall.resid_patching", "token_attribution", "gender.steering")}, verdicts
     vnp = data["mutation"]["contraction.values_not_pattern"]["matrix"]
     assert {n: (m["expected"], m["outcome"]) for n, m in vnp.items()} == {
-        "relabel": ("fail", "failed"), "QK 0.3": ("fail", "failed"),
+        "relabel": ("moved", "moved"), "QK 0.3": ("fail", "failed"),
         "OV 0.3": ("fail", "failed"), "unnamed": ("hold", "held"), "noise": ("hold", "held")}
     # gender.steering is a behaviour claim: nothing to break, values unmoved by a renumbering
     assert set(data["mutation"]["gender.steering"]["matrix"]) == {"relabel", "noise"}

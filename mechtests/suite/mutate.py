@@ -366,9 +366,12 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
             if outcome == "held" and moved:
                 outcome = "moved"
             same = _same(original, measured)
-            if mut.expected == "moved":  # and each head followed to where it was renumbered
-                same = same and all(b == relabelled(a, cfg.n_layers, cfg.n_heads)
-                                    for a, b in moved.items())
+            if mut.expected == "moved":  # and the heads found where they were renumbered to
+                # (as a set: which old head became which is not in the scores)
+                same = same and all(
+                    set(v["found"]) == {relabelled(e, cfg.n_layers, cfg.n_heads)
+                                        for e in v["expected"]}
+                    for k, v in node.user_properties if k == PREFIX + "cast")
             left = bool(mut.broken) and not (found & set(mut.broken))
             matrix[mut.name] = {"expected": mut.expected, "outcome": outcome,
                                 "ok": judge(mut.expected, outcome, same, left),

@@ -58,8 +58,9 @@ class Cast:
         return tuple(p[0] for p in self.pairs() if p[1] is None)
 
     def pairs(self) -> list[tuple[str, str | None]]:
-        """Each expected component with the one that plays its part here: unchanged heads
-        keep theirs, the others pair up in order (best expected with best found)."""
+        """Each expected component with the one that plays its part here. A role is a set:
+        heads in both keep theirs, those that left pair with those that arrived in order (best
+        with best); which left head became which arrived one is not in the scores."""
         left = [f for f in self.found if f not in self.expected]
         out = []
         for e in self.expected:
