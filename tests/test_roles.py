@@ -312,3 +312,13 @@ def test_behaviour_claim_skips_saying_the_tokenizer_cannot_express_its_family(py
     assert "tokenizer cannot express the 'ioi' prompt family 'ABBA' of any reference" in out, \
         out[-2000:]
     assert "multitask's: family" in out and "gpt2's: family" in out
+
+
+def test_mutation_judges_a_role_claim_by_where_its_heads_went():
+    from mechtests.suite.mutate import judge
+
+    assert judge("moved", "moved", same=True)
+    assert not judge("moved", "held", same=True) and not judge("moved", "moved", same=False)
+    assert judge("fail", "moved", same=False, left=True)  # found the mechanism elsewhere
+    assert not judge("fail", "moved", same=False, left=False)  # still casts the broken head
+    assert not judge("fail", "held", same=True, left=True)
