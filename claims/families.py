@@ -108,7 +108,9 @@ def expressed_on(task: str, subject, refs: dict, kind: str):
             continue
         try:
             return refs[name], build().tokenize(subject.model)
-        except PromptError as exc:
+        except ValueError as exc:  # PromptError, matched by name too: a test harness that
+            if not isinstance(exc, PromptError) and type(exc).__name__ != "PromptError":
+                raise  # re-imports modules in process can hold two copies of the class
             why.append(f"{name}'s: {str(exc).strip().splitlines()[0]}")
     pytest.skip(f"this checkpoint's tokenizer cannot express the {task!r} prompt family "
                 f"{kind!r} of any reference (" + "; ".join(why) + ")")
