@@ -195,7 +195,7 @@ def head_score_snapshot(model, r: ProseRecipe) -> dict[str, list[list[float]]]:
     HF model during training, on repeated random tokens (BOS + 2 x 20)."""
     from mechtests.analysis.heads import detection_pattern, repeated_random_tokens
 
-    toks = repeated_random_tokens(20, batch=8, seed=0, vocab_range=(1, 2048), bos=0)
+    toks = repeated_random_tokens(20, batch=8, seed=0, vocab_range=(1, r.vocab_size), bos=0)
     att = model(toks, output_attentions=True).attentions  # L x [n, H, T, T]
     pat = torch.stack(att, 1)
     out = {}
