@@ -19,6 +19,13 @@ not about every contraction prompt (tests/test_claims_break.py checks template 0
 
 The mover is named by role as well as by index (``mechtests.suite.roles``): the head with the
 largest positive direct logit attribution; on the reference it must be the head named here.
+
+Norm-based attention (Kobayashi et al. 2020, ``attention_between(..., weighting="norm")``)
+leaves the organism's story as it is: 0.3's share from the pronoun to the contraction is .45 of
+its attention and .48 of what it moves. Where it would change the story is a head whose output
+is broken: with 0.3's output weights zeroed its raw pattern is unchanged (they do not enter it)
+while the norm view gives it 0. The attention claim is about where the head looks, so it reads
+the raw pattern; the attribution and patching claims are the ones that see the output.
 """
 
 from __future__ import annotations

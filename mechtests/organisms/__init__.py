@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures" / "organisms"
-NAMES = ("bigram", "induction", "multitask", "skip-trigram")
+NAMES = ("bigram", "induction", "multitask", "skip-trigram", "prose")
 
 
 def fixture_dir(name: str) -> Path:
