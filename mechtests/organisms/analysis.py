@@ -33,9 +33,7 @@ def _vocab(model) -> dict[str, int]:
 
 def to_tokens(model, texts: Sequence[str]) -> torch.Tensor:
     """``<bos>`` + word ids, [n, T]; all texts must have the same word count."""
-    from mechtests.organisms.train import encode
-
-    rows = encode(list(texts), _vocab(model))
+    rows = lang.encode(list(texts), _vocab(model))
     if len({len(r) for r in rows}) > 1:
         raise ValueError("texts of one batch need the same word count (group by template)")
     return torch.tensor(rows)

@@ -500,3 +500,14 @@ def bigram_sample(n: int, length: int, seed: int = 0):
     for t in range(1, length):
         out[:, t] = torch.multinomial(P[out[:, t - 1]], 1, generator=g)[:, 0]
     return out
+
+
+def encode(texts: Sequence[str], ids: dict[str, int]) -> list[list[int]]:
+    """``<bos>`` + word ids of each text (the organisms' word-level tokenization)."""
+    out = []
+    for t in texts:
+        try:
+            out.append([ids["<bos>"]] + [ids[w] for w in t.split()])
+        except KeyError as exc:
+            raise ValueError(f"word {exc} of {t!r} is not in the vocabulary") from None
+    return out

@@ -114,16 +114,6 @@ def make_model(r: Recipe, d_vocab: int):
 # data
 
 
-def encode(texts: list[str], ids: dict[str, int]) -> list[list[int]]:
-    out = []
-    for t in texts:
-        try:
-            out.append([ids["<bos>"]] + [ids[w] for w in t.split()])
-        except KeyError as exc:
-            raise RecipeError(f"word {exc} of {t!r} is not in the vocabulary") from None
-    return out
-
-
 def batch_docs(r: Recipe, step: int) -> list[dict[str, Any]]:
     """The documents of one training step (deterministic in seed and step)."""
     rng = random.Random(f"batch-{r.seed}-{step}")
@@ -151,7 +141,7 @@ def make_batch(r: Recipe, step: int, ids: dict[str, int]):
         tokens = lang.bigram_sample(r.batch, BIGRAM_SEQ, seed=r.seed * 1_000_003 + step)
         return tokens, torch.ones(tokens.shape[0], tokens.shape[1] - 1)
     docs = batch_docs(r, step)
-    seqs = encode([lang.training_text(d) for d in docs], ids)
+    seqs = lang.encode([lang.training_text(d) for d in docs], ids)
     T = max(len(s) for s in seqs)
     if T > r.n_positions:
         raise RecipeError(f"a document has {T} tokens, more than n_positions={r.n_positions}")

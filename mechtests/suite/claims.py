@@ -4,15 +4,18 @@ explain themselves (measured value, threshold and why, components expected and f
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
 
-from mechtests.core.models import ORGANISMS
-from mechtests.suite.report import OPS
+from mechtests.core.models import ORGANISMS, describe
 
 T = TypeVar("T")
+
+OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 # (n_layers, n_heads, d_model, d_vocab) of the reference models that claims are written for.
 GPT2_SHAPE = (12, 12, 768, 50257)
@@ -47,6 +50,25 @@ def reference(subject: Any, refs: Mapping[str, T]) -> tuple[str, T]:
     about = "; ".join(f"{n}: {_describe(reference_shape(n))}" for n in refs)
     pytest.skip(f"no reference of this checkpoint's shape: the claim names components of "
                 f"{about}; this checkpoint is a {_describe(shape)}")
+
+
+@dataclass
+class Subject:
+    """A model under test: the spec the user gave, its display name and the loaded bridge."""
+
+    spec: str
+    name: str
+    model: Any
+
+    @property
+    def shape(self) -> str:
+        return describe(self.model)
+
+    def __repr__(self) -> str:  # failures show this, never the model's module tree
+        try:
+            return f"Subject({self.spec!r}: {self.shape})"
+        except Exception:  # noqa: BLE001 - a repr must not raise
+            return f"Subject({self.spec!r})"
 
 
 class Inconclusive(Exception):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -26,10 +25,10 @@ from mechtests.core.models import (
     NoSuchModel,
     check_checkpoint,
     check_device,
-    describe,
     load_model,
     resolve,
 )
+from mechtests.suite.claims import Subject
 
 SEED_MAX = 2**64 - 1  # torch.manual_seed's range (non-negative)
 
@@ -147,25 +146,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         [pytest.param(s, id=s, marks=pytest.mark.xdist_group(s)) for s in specs],
         indirect=True,
     )
-
-
-@dataclass
-class Subject:
-    """A model under test: the spec the user gave, its display name and the loaded bridge."""
-
-    spec: str
-    name: str
-    model: Any
-
-    @property
-    def shape(self) -> str:
-        return describe(self.model)
-
-    def __repr__(self) -> str:  # failures show this, never the model's module tree
-        try:
-            return f"Subject({self.spec!r}: {self.shape})"
-        except Exception:  # noqa: BLE001 - a repr must not raise
-            return f"Subject({self.spec!r})"
 
 
 class ModelSkipped(pytest.skip.Exception):  # type: ignore[name-defined,misc]
