@@ -21,7 +21,8 @@ result is the corrupted run's metric after the patch); ``"noise"`` patches corru
 The metric takes logits at the read position, ``(..., n_prompts, d_vocab)``, and returns
 ``(..., n_prompts)``. Results have a per-prompt axis and ``meta["clean"]``,
 ``meta["corrupted"]`` (metric means) so ``r.normalized(r.meta["clean"], r.meta["corrupted"])``
-gives restoration. Components are named ``"9.9"`` (layer 9 head 9), ``"attn9"`` / ``"mlp9"``
+gives restoration. Every public function takes a model or its ``Engine``
+(``engine_for``). Components are named ``"9.9"`` (layer 9 head 9), ``"attn9"`` / ``"mlp9"``
 (a layer's attention or MLP output), ``"mlp9.1234"`` (neuron 1234 of layer 9's MLP).
 """
 
@@ -34,7 +35,7 @@ from itertools import groupby, product
 
 import torch
 
-from mechtests.core.engine import Ctx, Engine
+from mechtests.core.engine import Ctx, Edit, Engine, engine_for
 from mechtests.core.progress import progress
 from mechtests.core.result import Result
 from mechtests.core.sites import Component, Head, LayerOut, component
@@ -398,6 +399,7 @@ def sweep(engine: Engine, site: str, clean, corrupted, metric: Metric,
     ``memory_budget_mb`` bounds the patched batch held at once (default: what one ordinary
     forward of the prompts holds).
     """
+    engine = engine_for(engine)  # a model or its Engine
     _check_site(site)
     by = tuple(by) if by is not None else _BY[site][0]
     if by not in _BY[site]:
@@ -502,6 +504,7 @@ def parse_component(engine: Engine, name: str | Component) -> tuple[str, tuple[i
     """The engine site and index of a component: ``"9.9"`` -> ("z", (9, 9)); ``"attn9"`` ->
     ("attn_out", (9,)); ``"mlp9"`` -> ("mlp_out", (9,)); ``"mlp9.1234"`` -> ("mlp_post",
     (9, 1234)). Indices are checked against the model."""
+    engine = engine_for(engine)  # a model or its Engine
     c = component(name)
     if isinstance(c, Head):
         site, key, sizes = "z", (c.layer, c.head), ("head", engine.n_heads)
@@ -518,6 +521,7 @@ def parse_component(engine: Engine, name: str | Component) -> tuple[str, tuple[i
 def ablation_values(engine: Engine, tokens: torch.Tensor, sites: Iterable[str], how: str,
                     reference=None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Replacement activations (TL names, shaped like ``tokens``' run) for an ablation."""
+    engine = engine_for(engine)  # a model or its Engine
     sites = set(sites)
     N, T = tokens.shape
     if how == "zero":
@@ -553,6 +557,7 @@ def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
     ``"mlp9.1234"`` (neuron). Result axis ``component``; together gives one cell labelled
     ``"9.9+9.6+..."``. ``meta["clean"]`` is the unablated metric.
     """
+    engine = engine_for(engine)  # a model or its Engine
     if isinstance(components, str):
         components = [components]
     parsed = [parse_component(engine, c) for c in components]
@@ -561,23 +566,16 @@ def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
     tokens = engine.check_tokens(tokens)
     N, T = tokens.shape
     rp = _read_positions(read_pos, N, T, tokens.device)
-    site_of = {"z": "attn.hook_z", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
-               "mlp_post": "mlp.hook_post"}
-    names = {f"blocks.{k[0]}.{site_of[s]}" for s, k in parsed}
     with torch.no_grad():
-        values = ablation_values(engine, tokens, names, how, reference, seed)
         if together:
-            edits = {}
-            for site, key in parsed:
-                name = f"blocks.{key[0]}.{site_of[site]}"
-                idx = (slice(None), slice(None)) + key[1:]
-                edits.setdefault(name, []).append(idx)
-            fns = {n: _replace(values[n], idxs) for n, idxs in edits.items()}
+            fns = ablation_edits(engine, tokens, components, how, reference, seed)
             logits, _ = engine.run(tokens, edits=fns)
             clean = _run(engine, tokens, (), metric, rp).metric
             out = _call_metric(metric, logits[torch.arange(N), rp], engine, tokens)[None]
             labels = ["+".join(components)]
         else:
+            names = {_hook_name(s, k) for s, k in parsed}
+            values = ablation_values(engine, tokens, names, how, reference, seed)
             want = set()
             groups: dict[str, list[int]] = {}
             plans = []
@@ -604,6 +602,34 @@ def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
                   per_prompt, meta)
 
 
+_ABLATE_HOOK = {"z": "attn.hook_z", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+                "mlp_post": "mlp.hook_post"}
+
+
+def _hook_name(site: str, key: tuple[int, ...]) -> str:
+    return f"blocks.{key[0]}.{_ABLATE_HOOK[site]}"
+
+
+def ablation_edits(engine: Engine, tokens, components: Sequence[str], how: str = "zero",
+                   reference=None, seed: int = 0) -> dict[str, Edit]:
+    """Engine edits (``Engine.run(..., edits=...)``) that ablate ``components`` together, at
+    every position: ``"9.9"``, ``"attn9"``, ``"mlp9"``, ``"mlp9.1234"``; ``how`` as in
+    :func:`ablate`."""
+    engine = engine_for(engine)
+    if isinstance(components, str):
+        components = [components]
+    parsed = [parse_component(engine, c) for c in components]
+    if not parsed:
+        raise ValueError("an ablation needs at least one component")
+    tokens = engine.check_tokens(tokens)
+    values = ablation_values(engine, tokens, {_hook_name(s, k) for s, k in parsed}, how,
+                             reference, seed)
+    idxs: dict[str, list[tuple]] = {}
+    for site, key in parsed:
+        idxs.setdefault(_hook_name(site, key), []).append((slice(None), slice(None)) + key[1:])
+    return {n: _replace(values[n], i) for n, i in idxs.items()}
+
+
 def _replace(value: torch.Tensor, idxs: list[tuple]):
     def edit(act: torch.Tensor) -> torch.Tensor:
         act = act.clone()
@@ -626,6 +652,7 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
     TransformerLens's ``get_act_patch_direct_path``. Senders at or after every receiver's layer
     leave the metric at the base value.
     """
+    engine = engine_for(engine)  # a model or its Engine
     if component not in ("q", "k", "v"):
         raise ValueError(f"path_patch component must be 'q', 'k' or 'v', not {component!r}")
     _check_supported(engine, component, "path patching")
@@ -717,6 +744,7 @@ def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequenc
     the swept cell (d_model; d_head and positions for heads over all positions; source
     positions for pattern; ``positions`` for neurons).
     """
+    engine = engine_for(engine)  # a model or its Engine
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
     specs = []
@@ -778,6 +806,7 @@ def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequenc
 def attribution_patch(engine: Engine, site: str, clean, corrupted, metric: Metric,
                       by: Sequence[str] | None = None, **kw) -> Result:
     """Attribution patching of one site: see :func:`attribution_patches`."""
+    engine = engine_for(engine)  # a model or its Engine
     _check_site(site)
     return next(iter(attribution_patches(engine, [(site, by or _BY[site][0])], clean, corrupted,
                                          metric, **kw).values()))
