@@ -18,14 +18,13 @@ with offset 3 and the organism's own floor: attention near 0.6 where a uniform h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import pytest
 import torch
 
-from mechtests.analysis.heads import repeated_random_tokens
-from mechtests.core.engine import engine_for
-from mechtests.core.result import Result
+from mechtests.analysis.heads import offset_scores, repeat_loss, repeated_random_tokens
+from mechtests.core.sites import Head, heads
 from mechtests.suite.claims import effect_size, holds, holds_set, reference
 
 
@@ -61,43 +60,20 @@ def repeated_tokens(model, ref: Induction, seed: int) -> torch.Tensor:
                                   bos=bos)
 
 
-def scores(model, tokens: torch.Tensor, n: int, kind: str, offset: int, bos: bool) -> Result:
-    """Mean attention, per head, from each second-copy token to the token ``offset`` after its
-    earlier copy (``induction``; offset 1 is TransformerLens's induction score) or from each
-    token to the one ``offset`` back (``lookback``; offset 1 is the previous-token score)."""
-    L = model.cfg.n_layers
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
-    with torch.no_grad():
-        _, acts = engine_for(model).run(tokens, names)
-    pattern = torch.stack([acts[n_] for n_ in names], 1)  # [batch, layer, head, dest, src]
-    s = int(bos)
-    if kind == "induction":
-        q = torch.arange(s + n, s + 2 * n - max(0, offset - 1))
-        k = q - n + offset
-    else:
-        q = torch.arange(s + offset, s + 2 * n)
-        k = q - offset
-    per_prompt = pattern[:, :, :, q, k].mean(-1)
-    labels = {"layer": [str(i) for i in range(L)],
-              "head": [str(i) for i in range(model.cfg.n_heads)]}
-    return Result(f"{kind} score (offset {offset})", ("layer", "head"), labels,
-                  per_prompt.mean(0), per_prompt)
-
-
 @pytest.mark.claim(id="induction.heads", source=SOURCE, subjects=SUBJECTS)
 def test_induction_heads_attend_to_the_token_after_the_earlier_copy(subject, record,
                                                                     pin):
     _, ref = reference(subject, REFS)
     record.components(list(ref.induction_heads), breaks=("qk",))  # where the heads look
     tokens = repeated_tokens(subject.model, ref, seed=0)
-    ind = scores(subject.model, tokens, ref.n_tokens, "induction", ref.offset, ref.bos)
+    ind = offset_scores(subject.model, tokens, "induction", ref.offset, bos=ref.bos)
     record.heatmap(ind, title=f"induction score (offset {ref.offset})")
     top = [h for h, _ in ind.top_k(len(ref.induction_heads))]
     holds_set(top, ref.induction_heads, "heads with the highest induction scores",
               "the named induction heads are the top ones", record, top=ind.top_k(6))
     for head in ref.induction_heads:
-        layer, h = head.split(".")
-        holds(ind.at(layer=int(layer), head=int(h)), ">=", ref.floor,
+        hd = Head.parse(head)
+        holds(ind.at(layer=hd.layer, head=hd.head), ">=", ref.floor,
               f"induction score of {head}", ref.floor_why, record)
     pin(ind, "induction_scores")
 
@@ -107,39 +83,16 @@ def test_a_previous_token_head_feeds_them(subject, record, pin):
     _, ref = reference(subject, REFS)
     record.components(list(ref.lookback_heads), breaks=("qk",))
     tokens = repeated_tokens(subject.model, ref, seed=0)
-    back = scores(subject.model, tokens, ref.n_tokens, "lookback", ref.offset, ref.bos)
+    back = offset_scores(subject.model, tokens, "lookback", ref.offset, bos=ref.bos)
     record.heatmap(back, title=f"look-back score (offset {ref.offset})")
-    layers = [int(h.split(".")[0]) for h in ref.induction_heads]
+    layers = [h.layer for h in heads(ref.induction_heads)]
     for head in ref.lookback_heads:
-        layer, h = (int(x) for x in head.split("."))
+        layer, h = astuple(Head.parse(head))
         holds(layer, "<", min(layers), f"layer of look-back head {head}",
               "it must sit before the induction heads it feeds", record, kind="sanity")
         holds(back.at(layer=layer, head=h), ">=", ref.floor,
               f"look-back score of {head} (offset {ref.offset})", ref.floor_why, record)
     pin(back, "previous_token_scores")
-
-
-def repeat_loss(model, tokens: torch.Tensor, n_tokens: int, heads: tuple[str, ...] = ()
-                ) -> torch.Tensor:
-    """Mean next-token loss over the second copy, with ``heads`` zero-ablated (their z)."""
-    engine = engine_for(model)
-    by_layer: dict[int, list[int]] = {}
-    for head in heads:
-        layer, h = (int(x) for x in head.split("."))
-        by_layer.setdefault(layer, []).append(h)
-
-    def zero(hs: list[int]):
-        def edit(z: torch.Tensor) -> torch.Tensor:
-            z = z.clone()
-            z[:, :, hs] = 0
-            return z
-        return edit
-
-    edits = {f"blocks.{layer}.attn.hook_z": zero(hs) for layer, hs in by_layer.items()}
-    with torch.no_grad():
-        logits, _ = engine.run(tokens, edits=edits)
-    lp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    return -lp[:, -(n_tokens - 1):].mean(1)  # predictions of the second copy's tokens 2..n
 
 
 @pytest.mark.claim(id="induction.ablation", source=SOURCE, subjects=SUBJECTS)
@@ -150,35 +103,28 @@ def test_knocking_out_induction_heads_raises_repeat_loss(subject, record):
     _, ref = reference(subject, REFS)
     record.components(list(ref.induction_heads))
     tokens = repeated_tokens(subject.model, ref, seed=1)
-    before = float(repeat_loss(subject.model, tokens, ref.n_tokens).mean())
+    clean = repeat_loss(subject.model, tokens, bos=ref.bos)
+    before = clean.at(copy="second")
     # guard: the model must predict the repeat far better than the first copy, else there is
     # no induction effect to knock out
-    effect_size(first_copy_loss(subject.model, tokens, ref.n_tokens, ref.bos), before,
+    effect_size(clean.at(copy="first"), before,
                 "first-copy minus repeat-half loss (nats)", record)
-    heads = ref.induction_heads
-    after = float(repeat_loss(subject.model, tokens, ref.n_tokens, heads).mean())
+    named = ref.induction_heads
+    after = repeat_loss(subject.model, tokens, named, bos=ref.bos).at(copy="second")
     # The repeated half is nearly free to predict with induction (GPT-2: ~0.18 nats against
     # ~12 for the first half); without it, it is a random token again. Doubling the loss plus
     # one nat is far below that gap and far above run-to-run noise.
     holds(after, ">=", 2 * before + 1.0,
           "repeat-half loss with the induction heads knocked out",
           "at least twice the loss plus one nat: far below the first-copy gap, far above noise",
-          record, before=before, heads=list(heads))
-    for head in heads:
-        rest = tuple(h for h in heads if h != head)
-        without = float(repeat_loss(subject.model, tokens, ref.n_tokens, rest).mean())
+          record, before=before, heads=list(named))
+    for head in named:
+        rest = tuple(h for h in named if h != head)
+        without = repeat_loss(subject.model, tokens, rest, bos=ref.bos).at(copy="second")
         holds(after - without, ">=", 1.0,
               f"repeat-half loss added by knocking out {head} on top of the other named heads",
               "each named head carries at least one nat of the effect itself (the same nat of "
               "margin over noise as above)", record, with_it=after, without_it=without)
-
-
-def first_copy_loss(model, tokens: torch.Tensor, n_tokens: int, bos: bool) -> float:
-    """Mean next-token loss over the first copy (tokens 2..n): no repeat to copy from yet."""
-    logits, _ = engine_for(model).run(tokens)
-    lp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    s = int(bos)
-    return float(-lp[:, s: s + n_tokens - 1].mean())  # lp[:, j] predicts token j + 1
 
 
 @pytest.mark.claim(id="induction.exists", source=SOURCE, subjects=SUBJECTS)
@@ -203,11 +149,11 @@ def test_some_head_does_induction(subject, record):
                                     bos=model.tokenizer.bos_token_id)
     found, clearing = [], set()
     for off in (1, 2, 3):
-        later = scores(model, tokens, n, "induction", off, bos).values[1:]  # layers 1..L-1
+        later = offset_scores(model, tokens, "induction", off, bos=bos).values[1:]  # layers 1..L-1
         value, flat = later.flatten().max(0)
         layer, head = divmod(int(flat), model.cfg.n_heads)
-        found.append((float(value), f"{layer + 1}.{head}", off))
-        clearing |= {f"{i + 1}.{h}" for i, h in (later >= 0.45).nonzero().tolist()}
+        found.append((float(value), str(Head(layer + 1, head)), off))
+        clearing |= {str(Head(i + 1, h)) for i, h in (later >= 0.45).nonzero().tolist()}
     record.components(sorted(clearing) or [found[0][1]], breaks=("qk",), index_free=True,
                       together=True)
     value, head, off = max(found)
