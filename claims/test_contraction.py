@@ -20,6 +20,8 @@ not about every contraction prompt (tests/test_claims_break.py checks template 0
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import pytest
 
 from claims.families import kinds, measured_on
@@ -27,7 +29,7 @@ from mechtests.analysis.attribution import head_attribution
 from mechtests.analysis.heads import attention_between
 from mechtests.analysis.patching import sweep
 from mechtests.core import metrics as M
-from mechtests.core.engine import engine_for
+from mechtests.core.sites import Head
 from mechtests.suite.claims import holds, holds_set
 
 REFS = {"gpt2": "7.11", "multitask": "0.3"}  # the contraction mover
@@ -42,9 +44,9 @@ def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin)
     head, fam = measured_on("contraction", subject, REFS, kind, record)
     record.components([head])
     dla = head_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
-    patched = sweep(engine_for(subject.model), "z", fam.clean, fam.corrupted, fam.logit_diff(),
+    patched = sweep(subject.model, "z", fam.clean, fam.corrupted, fam.logit_diff(),
                     by=("layer", "head"))
-    patched = patched.normalized(patched.meta["clean"], patched.meta["corrupted"])
+    patched = patched.restored()
     for r, title in ((dla, "direct logit attribution"), (patched, "head output patching")):
         record.heatmap(r, title=f"{title} ({kind})")
     holds_set([dla.top_k(1)[0][0]], [head], "top head by direct logit attribution",
@@ -62,7 +64,7 @@ def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin)
 def test_mover_attends_from_pronoun_to_contraction(subject, kind, record):
     head, fam = measured_on("contraction", subject, REFS, kind, record)
     record.components([head], breaks=("qk",))  # a claim about where the head looks
-    layer, h = (int(x) for x in head.split("."))
+    layer, h = astuple(Head.parse(head))
     end = fam.positions["END"]
     att = attention_between(subject.model, fam.clean, end, fam.positions["V1"])
     # attention relative to a uniform head's share at the last position, 1 / (END + 1)
@@ -83,13 +85,13 @@ def test_value_patching_restores_more_than_pattern(subject, kind, record):
     0.41, next 0.2 at 0.23)."""
     head, fam = measured_on("contraction", subject, REFS, kind, record)
     record.components([head])
-    engine = engine_for(subject.model)
     out = {}
     for site in ("v", "pattern"):
-        r = sweep(engine, site, fam.clean, fam.corrupted, fam.logit_diff(), by=("layer", "head"))
-        out[site] = r.normalized(r.meta["clean"], r.meta["corrupted"])
+        r = sweep(subject.model, site, fam.clean, fam.corrupted, fam.logit_diff(),
+                  by=("layer", "head"))
+        out[site] = r.restored()
     diff = out["v"].values - out["pattern"].values  # [layer, head]
-    layer, h = (int(x) for x in head.split("."))
+    layer, h = astuple(Head.parse(head))
     mine = float(diff[layer, h])
     others = diff.clone()
     others[layer, h] = float("-inf")

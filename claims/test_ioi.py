@@ -16,7 +16,7 @@ are those of its own analysis (fixtures/organisms/multitask/FINDINGS.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import pytest
 
@@ -25,7 +25,8 @@ from mechtests.analysis.attribution import head_attribution
 from mechtests.analysis.heads import attention_between
 from mechtests.analysis.patching import ablate
 from mechtests.core import metrics as M
-from mechtests.core.engine import engine_for
+from mechtests.core.engine import run
+from mechtests.core.sites import Head
 from mechtests.suite.claims import holds, holds_set
 
 
@@ -62,7 +63,7 @@ FAMILIES = kinds("ioi")
 
 
 def _logit_diff(subject, tokens, fam) -> M.Estimate:
-    logits, _ = engine_for(subject.model).run(tokens, logits_at=-1)
+    logits, _ = run(subject.model, tokens, logits_at=-1)
     return M.evaluate(fam.logit_diff(), logits, [p.clean for p in fam.family.prompts])
 
 
@@ -90,7 +91,7 @@ def test_name_movers_have_the_largest_direct_effect(subject, kind, record, pin):
               "the name movers write the IO's unembedding", record,
               values=dla.top_k(ref.top_k + 2))
     for head in ref.name_movers:
-        layer, h = (int(x) for x in head.split("."))
+        layer, h = astuple(Head.parse(head))
         holds(dla.at(layer=layer, head=h), ">=", MIN_MOVER_DLA,
               f"direct logit attribution of {head}",
               "a name mover alone moves the answer by at least half a logit (GPT-2's weakest, "
@@ -112,7 +113,7 @@ def test_name_movers_attend_to_the_indirect_object(subject, kind, record, pin):
     to_s = attention_between(subject.model, fam.clean, end, fam.positions["S2"])
     record.heatmap(to_io, title=f"attention END -> IO ({kind})")
     for head in ref.name_movers:
-        layer, h = (int(x) for x in head.split("."))
+        layer, h = astuple(Head.parse(head))
         diff = to_io.per_prompt[:, layer, h] - to_s.per_prompt[:, layer, h]
         est = M.estimate(diff)
         holds(est.ci_low, ">", 0.0, f"attention of {head} from END to IO minus to S2 (CI low)",
@@ -135,18 +136,18 @@ def test_knocking_out_name_movers_lowers_logit_diff(subject, kind, record):
     not a name mover."""
     ref, fam = measured_on("ioi", subject, REFS, kind, record)
     record.components(list(ref.name_movers))
-    engine = engine_for(subject.model)
     before = _logit_diff(subject, fam.clean, fam).mean
-    knocked = ablate(engine, fam.clean, list(ref.name_movers), fam.logit_diff(), how="mean",
-                     reference=fam.corrupted, together=True)
+    knocked = ablate(subject.model, fam.clean, list(ref.name_movers), fam.logit_diff(),
+                     how="mean", reference=fam.corrupted, together=True)
     after = float(knocked.values.reshape(-1)[0])
     holds((before - after) / before, ">=", ref.min_knockout_drop,
           f"fraction of the logit diff lost with {list(ref.name_movers)} mean-ablated",
           ref.knockout_why, record, before=before, after=after)
-    first = min(int(h.split(".")[0]) for h in ref.name_movers)
+    first = min(Head.parse(h).layer for h in ref.name_movers)
     cfg = subject.model.cfg
-    heads = [f"{layer}.{h}" for layer in range(first, cfg.n_layers) for h in range(cfg.n_heads)]
-    single = ablate(engine, fam.clean, heads, fam.logit_diff(), how="mean",
+    heads = [str(Head(layer, h)) for layer in range(first, cfg.n_layers)
+             for h in range(cfg.n_heads)]
+    single = ablate(subject.model, fam.clean, heads, fam.logit_diff(), how="mean",
                     reference=fam.corrupted)
     drop = {h: (before - float(v)) / before for h, v in zip(heads, single.values)}
     rival = max((h for h in heads if h not in ref.name_movers), key=drop.__getitem__)

@@ -712,6 +712,14 @@ def _hf_weights(hf, family: str) -> dict:
     return w
 
 
+def run(model, tokens: torch.Tensor, sites: Iterable[str] = (),
+        logits_at: int | slice | None = None, edits: Mapping[str, Edit] | None = None,
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``Engine.run`` on a model or an ``Engine``: logits and the requested activations."""
+    with torch.no_grad():
+        return engine_for(model).run(tokens, sites, logits_at, edits)
+
+
 def engine_for(model) -> Engine:
     """The model's ``Engine``, built once and cached on the model (rebuilt if a weight changes).
 
