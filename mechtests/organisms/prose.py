@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from mechtests.analysis.heads import head_scores, repeated_random_tokens
+from mechtests.core.sites import Head
 
 CORPUS = Path("/usr/share/dictd/gcide.dict.dz")
 PACKAGE = "dict-gcide"
@@ -322,7 +323,8 @@ def prose_findings(model, corpus_chars: int | None = None) -> dict[str, Any]:
     def logprob(logits: torch.Tensor) -> torch.Tensor:  # [..., n, V] -> [..., n]
         return logits.log_softmax(-1)[..., idx, answers]
 
-    heads = [f"{la}.{h}" for la in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    heads = [str(Head(la, h)) for la in range(model.cfg.n_layers)
+             for h in range(model.cfg.n_heads)]
     single = ablate(engine, prose, heads, logprob, how="zero")
     out["prose_copy_logprob"] = single.meta["clean"]
     out["ablate_each_head"] = {c: round(float(v), 4) for c, v in
