@@ -101,7 +101,7 @@ def _call_metric(metric: Metric, logits: torch.Tensor, engine: Engine | None = N
         row, i = (int(x) for x in where.nonzero()[0])
         value = out.reshape(where.shape)[row, i].item()
         text = ""
-        tok = getattr(getattr(engine, "model", None), "tokenizer", None)
+        tok = getattr(engine, "tokenizer", None)
         if tokens is not None and tok is not None:
             try:
                 text = f" ({tok.decode(tokens[i].tolist())!r})"
@@ -127,7 +127,7 @@ def _pair(engine: Engine, clean, corrupted) -> tuple[torch.Tensor, torch.Tensor]
 
 def _pos_labels(engine: Engine, tokens: torch.Tensor) -> list[str]:
     ids = tokens[0].tolist()
-    tok = getattr(engine.model, "tokenizer", None)
+    tok = engine.tokenizer
     try:
         words = tok.convert_ids_to_tokens(ids)
     except Exception:  # no tokenizer: index only

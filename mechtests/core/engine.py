@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,8 @@ class Engine:
     def __init__(self, model, verify: bool = True) -> None:
         cfg = model.cfg
         hf = _reference_model(model)
-        self.model, self.cfg = model, cfg
+        self._model, self.cfg = weakref.ref(model), cfg
+        self.tokenizer = getattr(model, "tokenizer", None)
         family = getattr(getattr(hf, "config", None), "model_type", None)
         if hf is None and _bridge_family(model) in _HF_FAMILIES:
             raise UnsupportedArchitecture(
@@ -169,6 +171,11 @@ class Engine:
                            if have.get(s, True))
         if verify:
             self._verify(hf)
+
+    @property
+    def model(self):
+        """The model this engine was built from (None once it is gone)."""
+        return self._model()
 
     @property
     def rms(self) -> bool:
@@ -461,10 +468,12 @@ def _reference_model(model):
     """A fresh Hugging Face model from the bridge's checkpoint directory (safetensors only, no
     remote code, no download), independent of the bridge's own processing, in its dtype; or
     None when the bridge does not say where its checkpoint is."""
-    held = getattr(model, "mechtests_reference", None)  # a model built in memory (a mutant)
+    from mechtests.core.models import reference_of, spec_of
+
+    held = reference_of(model)  # a model built in memory (a mutant)
     if held is not None:
         return held
-    spec = getattr(model, "mechtests_spec", None)
+    spec = spec_of(model)
     path = getattr(spec, "path", None)
     if path is None:
         hf = getattr(model, "original_model", None)
@@ -721,15 +730,20 @@ def run(model, tokens: torch.Tensor, sites: Iterable[str] = (),
 
 
 def engine_for(model) -> Engine:
-    """The model's ``Engine``, built once and cached on the model (rebuilt if a weight changes).
+    """The model's ``Engine``, built once per model (rebuilt if a weight changes).
 
     Accepts an ``Engine`` too, so every public function can take either.
     """
     if isinstance(model, Engine):
         return model
     stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    held = getattr(model, "_mechtests_engine", None)
+    held = _ENGINES.get(model)
     if held is None or held[0] != stamp:
         held = (stamp, Engine(model))
-        object.__setattr__(model, "_mechtests_engine", held)
+        _ENGINES[model] = held
     return held[1]
+
+
+# Each model's engine, beside the model (an Engine holds its model weakly, so an entry goes with
+# its model).
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

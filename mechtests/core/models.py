@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,8 +369,38 @@ def load_model(spec: str, device: str | None = None, dtype: str | torch.dtype = 
     if compat:
         model.enable_compatibility_mode(disable_warnings=True)
     model.eval()
-    model.mechtests_spec = resolved  # type: ignore[attr-defined]
+    remember(model, resolved)
     return model
+
+
+# What mechtests knows about a model it loaded (or a mutant it built), held beside the model
+# rather than on it: entries go when the model does.
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def remember(model, spec: ModelSpec, reference=None) -> None:
+    """Record where ``model``'s checkpoint is (``spec``) and, for a model built in memory (a
+    mutant), the Hugging Face model its engine checks itself against."""
+    _SPECS[model] = spec
+    if reference is not None:
+        _REFERENCES[model] = reference
+
+
+def spec_of(model) -> ModelSpec | None:
+    """The ``ModelSpec`` ``model`` was loaded from by ``load_model``, or None."""
+    try:
+        return _SPECS.get(model)
+    except TypeError:  # not weak-referenceable: not one of ours
+        return None
+
+
+def reference_of(model):
+    """The in-memory Hugging Face reference of a model built by mechtests (a mutant), or None."""
+    try:
+        return _REFERENCES.get(model)
+    except TypeError:
+        return None
 
 
 def describe(model) -> str:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from mechtests.core.models import remember, spec_of
 from mechtests.suite.report import merge, verdict  # noqa: F401 - mutation verdicts live with the report
 
 UNNAMED_NOISE = 0.10  # relative std of the noise on components the claim does not name
@@ -222,7 +223,7 @@ def build_mutant(model: Any, mutant: Mutant) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    spec = getattr(model, "mechtests_spec", None)
+    spec = spec_of(model)
     if spec is None:
         raise MutationError("the model was not loaded by mechtests (no checkpoint path): "
                             "mutants are built from the checkpoint a claim ran on")
@@ -248,8 +249,7 @@ def build_mutant(model: Any, mutant: Mutant) -> Any:
         tokenizer=model.tokenizer)
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
-    bridge.mechtests_spec = spec  # type: ignore[attr-defined]
-    bridge.mechtests_reference = reference  # type: ignore[attr-defined]
+    remember(bridge, spec, reference)
     return bridge
 
 

@@ -27,6 +27,7 @@ from mechtests.core.models import (
     check_device,
     load_model,
     resolve,
+    spec_of,
 )
 from mechtests.suite.claims import Subject
 
@@ -196,7 +197,7 @@ def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
 def subject(request: pytest.FixtureRequest, models: Callable[[str], Any]) -> Subject:
     """The model a claim is checked against (parametrized by ``--model`` or the claim)."""
     model = models(request.param, request.node.nodeid)
-    return Subject(request.param, model.mechtests_spec.name, model)
+    return Subject(request.param, spec_of(model).name, model)
 
 
 @pytest.fixture(autouse=True)
