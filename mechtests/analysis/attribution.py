@@ -26,7 +26,10 @@ from mechtests.analysis._common import (
     _run,
     _tokens,
 )
+from mechtests.analysis.patching import ablate, resid_interventions
+from mechtests.core.engine import centre_and_scale
 from mechtests.core.result import Result
+from mechtests.core.sites import Neuron
 
 
 def _compat(model: Any) -> None:
@@ -201,10 +204,9 @@ def logit_lens(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
     labels, sites = _resid_sites(model.cfg.n_layers, incl_mid)
     logits, acts = _run(model, toks, [*sites, "ln_final.hook_scale"])
     x = torch.stack([_at(acts[s], p) for s in sites], 1)                       # [n, S, d]
-    if not _rms(model):
-        x = x - x.mean(-1, keepdim=True)
+    x, scale = centre_and_scale(x, _eps(model), _rms(model))                   # [n, S, 1]
     if recompute_ln:
-        scale = (x.pow(2).mean(-1) + _eps(model)).sqrt()                       # [n, S]
+        scale = scale[..., 0]                                                  # [n, S]
     else:
         scale = _at(acts["ln_final.hook_scale"], p)[:, 0, None]                # [n, 1]
     per = torch.einsum("nsd,nd->ns", x, d) / scale + bias[:, None]
@@ -270,13 +272,13 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def neuron_ablation_effect(model: Any, tokens: Tokens, layer: int, neurons: Sequence[int],
-                           how: str = "zero", pos: Pos = None, chunk: int = 16) -> Result:
+                           how: str = "zero", pos: Pos = None) -> Result:
     """Change in next-token entropy and in the clean top token's logit when a neuron is ablated.
 
     Each neuron is ablated alone, at every position, to zero or to its mean activation over all
     prompts and positions of ``tokens``; effects (ablated - clean) are read at ``pos``. Axes
-    ``("neuron", "measure")`` with measures ``entropy`` and ``top_logit``. Neurons are batched,
-    ``chunk`` at a time, in one forward each.
+    ``("neuron", "measure")`` with measures ``entropy`` and ``top_logit``. Runs through the
+    patching core (``patching.ablate``), all neurons batched.
     """
     if how not in ("zero", "mean"):
         raise ValueError(f"how={how!r}: choose 'zero' or 'mean'")
@@ -287,31 +289,18 @@ def neuron_ablation_effect(model: Any, tokens: Tokens, layer: int, neurons: Sequ
     d_mlp = model.cfg.d_mlp
     if idx.numel() == 0 or (idx < 0).any() or (idx >= d_mlp).any():
         raise ValueError(f"neurons {idx.tolist()}: give at least one, each in 0..{d_mlp - 1}")
-    site = f"blocks.{layer}.mlp.hook_post"
-    logits, acts = _run(model, toks, [site])
-    clean = _at(logits, p)                                                     # [n, V]
-    top = clean.argmax(-1)
-    mean_act = acts[site].mean((0, 1))                                         # [m]
-    n = toks.shape[0]
-    out = []
-    for i in range(0, idx.numel(), chunk):
-        part = idx[i:i + chunk].to(toks.device)
-        k = part.numel()
-        mask = torch.zeros(k, 1, 1, d_mlp, device=toks.device, dtype=mean_act.dtype)
-        mask[torch.arange(k), 0, 0, part] = 1.0
-        value = mean_act if how == "mean" else torch.zeros_like(mean_act)
+    top = _at(_run(model, toks, [])[0], p).argmax(-1)                          # [n]
+    comps = [str(Neuron(layer, j)) for j in idx.tolist()]
 
-        def ablate(act, mask=mask, value=value, k=k):
-            a = act.view(k, n, *act.shape[1:])
-            return (a * (1 - mask) + mask * value).view_as(act)
+    def top_logit(lg: torch.Tensor) -> torch.Tensor:
+        return lg.gather(-1, top.expand(lg.shape[:-1])[..., None])[..., 0]
 
-        lg = _run(model, toks.repeat(k, 1), [], {site: ablate})[0]
-        lg = lg.view(k, n, *lg.shape[1:])[:, torch.arange(n), p]               # [k, n, V]
-        d_ent = _entropy(lg) - _entropy(clean)
-        d_top = lg.gather(-1, top.expand(k, n)[..., None])[..., 0] - clean.gather(
-            -1, top[:, None])[:, 0]
-        out.append(torch.stack([d_ent, d_top], -1))                            # [k, n, 2]
-    per = torch.cat(out, 0).transpose(0, 1)                                    # [n, K, 2]
+    per = []
+    for metric in (_entropy, top_logit):
+        r = ablate(model, toks, comps, metric, how=how, reference=toks, read_pos=p,
+                   by_position=False)
+        per.append(r.per_prompt - r.clean_per_prompt[:, None])                # [n, K]
+    per = torch.stack(per, -1)                                                 # [n, K, 2]
     labels = {"neuron": [f"{layer}.{j}" for j in idx.tolist()],
               "measure": ["entropy", "top_logit"]}
     return Result(f"neuron {how}-ablation effect", ("neuron", "measure"), labels, per.mean(0),
@@ -361,7 +350,7 @@ def steering_sweep(model: Any, tokens: Tokens, direction: torch.Tensor, layer: i
     """
     toks = _tokens(model, tokens)
     p = _positions(pos, toks)
-    name = _resid_site(model, layer, site)
+    _resid_site(model, layer, site)  # checks the site and the layer
     n, t = toks.shape
     a = torch.as_tensor(list(alphas), dtype=torch.float32, device=toks.device)
     direction = torch.as_tensor(direction, dtype=torch.float32, device=toks.device).flatten()
@@ -373,15 +362,8 @@ def steering_sweep(model: Any, tokens: Tokens, direction: torch.Tensor, layer: i
         sp = _positions(steer_pos, toks, "steer_pos")
         where = torch.zeros(n, t, device=toks.device)
         where[torch.arange(n), sp] = 1.0
-    k = a.numel()
     add = a[:, None, None, None] * where[None, :, :, None] * direction         # [k, n, t, d]
-
-    def steer(act):
-        return act + add.reshape(act.shape).to(act.dtype)
-
-    lg = _run(model, toks.repeat(k, 1), [], {name: steer})[0]
-    lg = lg.view(k, n, t, -1)[:, torch.arange(n), p]                            # [k, n, V]
-    per = metric(lg).T                                                          # [n, k]
+    per = resid_interventions(model, toks, site, layer, add, metric, read_pos=p).T  # [n, k]
     mean = per.mean(0)
     ac = a.cpu() - a.cpu().mean()
     mc = mean - mean.mean()

@@ -519,8 +519,12 @@ def parse_component(engine: Engine, name: str | Component) -> tuple[str, tuple[i
 
 
 def ablation_values(engine: Engine, tokens: torch.Tensor, sites: Iterable[str], how: str,
-                    reference=None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Replacement activations (TL names, shaped like ``tokens``' run) for an ablation."""
+                    reference=None, seed: int = 0, by_position: bool | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Replacement activations (TL names, shaped like ``tokens``' run) for an ablation.
+
+    ``how="mean"`` averages over the reference prompts per position when ``by_position`` (by
+    default: when they have the prompts' length), else over their prompts and positions."""
     engine = engine_for(engine)  # a model or its Engine
     sites = set(sites)
     N, T = tokens.shape
@@ -534,7 +538,12 @@ def ablation_values(engine: Engine, tokens: torch.Tensor, sites: Iterable[str], 
     reference = engine.check_tokens(reference)
     _, ref = engine.run(reference, sites, logits_at=-1)
     if how == "mean":
-        if reference.shape[1] == T:  # per-position mean
+        if by_position is None:
+            by_position = reference.shape[1] == T
+        if by_position and reference.shape[1] != T:
+            raise ValueError(f"a per-position mean needs reference prompts of the prompts' "
+                             f"length ({T}), got {reference.shape[1]}")
+        if by_position:
             return {s: a.mean(0, keepdim=True).expand(N, *a.shape[1:]) for s, a in ref.items()}
         return {s: a.mean((0, 1), keepdim=True).expand(N, T, *a.shape[2:])
                 for s, a in ref.items()}
@@ -548,11 +557,13 @@ def ablation_values(engine: Engine, tokens: torch.Tensor, sites: Iterable[str], 
 
 def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
            how: str = "zero", reference=None, together: bool = False, read_pos=-1,
-           seed: int = 0, memory_budget_mb: float | None = None) -> Result:
+           seed: int = 0, memory_budget_mb: float | None = None,
+           by_position: bool | None = None) -> Result:
     """The metric with each component ablated singly (``together=False``) or all at once.
 
     ``how``: ``"zero"``, ``"mean"`` (over ``reference`` prompts, per position when they have the
-    prompt's length) or ``"resample"`` (each prompt takes a seeded random reference prompt's
+    prompt's length, or as ``by_position`` says) or ``"resample"`` (each prompt takes a seeded
+    random reference prompt's
     activation). Components: ``"9.9"`` (head z, all positions), ``"attn9"``, ``"mlp9"``,
     ``"mlp9.1234"`` (neuron). Result axis ``component``; together gives one cell labelled
     ``"9.9+9.6+..."``. ``meta["clean"]`` is the unablated metric.
@@ -568,14 +579,14 @@ def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
     rp = _read_positions(read_pos, N, T, tokens.device)
     with torch.no_grad():
         if together:
-            fns = ablation_edits(engine, tokens, components, how, reference, seed)
+            fns = ablation_edits(engine, tokens, components, how, reference, seed, by_position)
             logits, _ = engine.run(tokens, edits=fns)
             clean = _run(engine, tokens, (), metric, rp).metric
             out = _call_metric(metric, logits[torch.arange(N), rp], engine, tokens)[None]
             labels = ["+".join(components)]
         else:
             names = {_hook_name(s, k) for s, k in parsed}
-            values = ablation_values(engine, tokens, names, how, reference, seed)
+            values = ablation_values(engine, tokens, names, how, reference, seed, by_position)
             want = set()
             groups: dict[str, list[int]] = {}
             plans = []
@@ -611,7 +622,8 @@ def _hook_name(site: str, key: tuple[int, ...]) -> str:
 
 
 def ablation_edits(engine: Engine, tokens, components: Sequence[str], how: str = "zero",
-                   reference=None, seed: int = 0) -> dict[str, Edit]:
+                   reference=None, seed: int = 0, by_position: bool | None = None
+                   ) -> dict[str, Edit]:
     """Engine edits (``Engine.run(..., edits=...)``) that ablate ``components`` together, at
     every position: ``"9.9"``, ``"attn9"``, ``"mlp9"``, ``"mlp9.1234"``; ``how`` as in
     :func:`ablate`."""
@@ -623,7 +635,7 @@ def ablation_edits(engine: Engine, tokens, components: Sequence[str], how: str =
         raise ValueError("an ablation needs at least one component")
     tokens = engine.check_tokens(tokens)
     values = ablation_values(engine, tokens, {_hook_name(s, k) for s, k in parsed}, how,
-                             reference, seed)
+                             reference, seed, by_position)
     idxs: dict[str, list[tuple]] = {}
     for site, key in parsed:
         idxs.setdefault(_hook_name(site, key), []).append((slice(None), slice(None)) + key[1:])
@@ -637,6 +649,39 @@ def _replace(value: torch.Tensor, idxs: list[tuple]):
             act[idx] = value[idx]
         return act
     return edit
+
+
+# -- additions to the residual stream (steering) ---------------------------------------------
+def resid_interventions(engine: Engine, tokens, site: str, layer: int, deltas: torch.Tensor,
+                        metric: Metric, read_pos=-1, memory_budget_mb: float | None = None
+                        ) -> torch.Tensor:
+    """The metric after adding each of ``deltas`` ``[K, n_prompts, T, d_model]`` to the
+    residual stream at ``site`` (resid_pre/mid/post) of ``layer``: ``[K, n_prompts]``.
+
+    Each addition is one patch of the core (batched, from its first non-zero position on)."""
+    engine = engine_for(engine)
+    if site not in ("resid_pre", "resid_mid", "resid_post"):
+        raise ValueError(f"site={site!r}: choose resid_pre, resid_mid or resid_post")
+    _check_supported(engine, site)
+    layer = _check_range("layer", [layer], engine.n_layers)[0]
+    tokens = engine.check_tokens(tokens)
+    N, T = tokens.shape
+    if deltas.dim() != 4 or tuple(deltas.shape[1:]) != (N, T, engine.d_model):
+        raise ValueError(f"deltas must have shape [K, {N}, {T}, {engine.d_model}], got "
+                         f"{tuple(deltas.shape)}")
+    rp = _read_positions(read_pos, N, T, tokens.device)
+    deltas = deltas.to(engine.device, engine.dtype)
+    nz = deltas.abs().amax((0, 1, 3)).nonzero()
+    span = (int(nz[0]), int(nz[-1])) if len(nz) else (T - 1, T - 1)
+    stage = 2 * layer + RESID_SITES[site][1]
+    keys = [(k,) for k in range(deltas.shape[0])]
+    patches = _Patches(keys, lambda k: stage, lambda k: span,
+                       lambda ks, p0: deltas[[k[0] for k in ks]].transpose(0, 1)[:, :, p0:],
+                       {_stage_name(engine, stage)})
+    with torch.no_grad():
+        base = _run(engine, tokens, patches.want | _prefix_want(engine, patches), metric, rp)
+        return _patch_core(engine, patches, base, metric,
+                           _budget_mb(engine, tokens, memory_budget_mb))
 
 
 # -- path patching ----------------------------------------------------------------------------
@@ -696,15 +741,13 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
                 "nte,ed->ntd", src.cache[zs[lay]][:, :, h] - base.cache[zs[lay]][:, :, h],
                 engine.W_O[lay, h]) for lay, h in part], 1)  # [N,P,T,d]
             s_layer = torch.tensor([lay for lay, _ in part], device=clean.device)
-            edits = {}
+            edits, cache = {}, {}  # the receivers' edits read their inputs from this run's cache
             for rl in sorted({k[0] for k in recv}):
                 heads = [k[1] for k in recv if k[0] == rl]
                 mask = (s_layer < rl).to(write.dtype)[None, :, None, None]
                 edits[f"blocks.{rl}.attn.hook_{component}"] = _path_edit(
-                    engine, rl, heads, write * mask, W, b)
-            ctx = Ctx({f"blocks.{k[0]}.hook_resid_pre" for k in recv}, edits)
-            for fn in edits.values():
-                fn.ctx = ctx
+                    engine, rl, heads, write * mask, W, b, cache)
+            ctx = Ctx({f"blocks.{k[0]}.hook_resid_pre" for k in recv}, edits, cache)
             x0 = base.cache[f"blocks.{first}.hook_resid_pre"][:, None].expand(N, P, T, -1)
             x = engine.forward(x0, 2 * first, ctx=ctx, read=rp)[:, :, 0]
             vals = _call_metric(metric, engine.unembed(x).transpose(0, 1), engine, base_tok,
@@ -719,16 +762,17 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
                    "receivers": list(receivers), "component": component})
 
 
-def _path_edit(engine: Engine, layer: int, heads: list[int], write: torch.Tensor, W, b):
-    """Recompute the receivers' q/k/v from their own residual input plus the sender write."""
+def _path_edit(engine: Engine, layer: int, heads: list[int], write: torch.Tensor, W, b,
+               cache: dict[str, torch.Tensor]):
+    """Recompute the receivers' q/k/v from their own residual input plus the sender write;
+    ``cache`` is the forward's (its ``Ctx.cache``), which holds that input by then."""
     def edit(act: torch.Tensor) -> torch.Tensor:  # act [N*P, T, H, dh]
-        x = edit.ctx.cache[f"blocks.{layer}.hook_resid_pre"]  # [N*P, T, d]
+        x = cache[f"blocks.{layer}.hook_resid_pre"]  # [N*P, T, d]
         x = engine.normalize(x + write.reshape(x.shape))
         act = act.clone()
         for h in heads:
             act[:, :, h] = x @ W[layer, h] + b[layer, h]
         return act
-    edit.ctx = None
     return edit
 
 

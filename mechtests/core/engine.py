@@ -260,9 +260,7 @@ class Engine:
     # -- the transformer ---------------------------------------------------------------------
     def normalize(self, x, ctx=None, name=None, to_tl=None, from_tl=None):
         """The norm without its weight (folded into the next matrix): LayerNorm or RMSNorm."""
-        if not self.rms:
-            x = x - x.mean(-1, keepdim=True)
-        scale = (x.float().pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        x, scale = centre_and_scale(x, self.eps, self.rms)
         if name is None:
             return (x / scale).to(x.dtype)
         scale = _tap(ctx, f"{name}.hook_scale", scale.to(x.dtype), to_tl, from_tl)
@@ -452,6 +450,22 @@ class Engine:
                 "know about, or weights changed after loading. Refused rather than "
                 "approximated.")
         self.verified = {"hf_max_err": err, "bridge_max_err": bridge_err, "tolerance": tol}
+
+
+def centre_and_scale(x: torch.Tensor, eps: float, rms: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one norm, without its weight: ``x`` centred over the last axis (LayerNorm; RMSNorm
+    does not centre) and its scale ``sqrt(mean(x^2) + eps)`` (float32 or wider, keepdim).
+    ``normalize`` divides the two; TL's ``hook_scale`` is the scale."""
+    if not rms:
+        x = x - x.mean(-1, keepdim=True)
+    return x, (x.float().pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def normalize(x: torch.Tensor, eps: float, rms: bool = False) -> torch.Tensor:
+    """LayerNorm (or RMSNorm) of ``x`` over its last axis, without weight or bias."""
+    x, scale = centre_and_scale(x, eps, rms)
+    return (x / scale).to(x.dtype)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
