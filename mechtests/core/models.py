@@ -9,14 +9,33 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-ORGANISMS = ROOT / "fixtures" / "organisms"
+ORGANISMS_ENV = "MECHTESTS_ORGANISMS"  # a directory of organism checkpoints, if set
+
+
+def organisms_dir() -> Path:
+    """Where the shipped organism checkpoints are: ``$MECHTESTS_ORGANISMS`` if set, else the
+    source tree's ``fixtures/organisms`` (a checkout or an editable install), else
+    ``./fixtures/organisms``. The one place that knows."""
+    env = os.environ.get(ORGANISMS_ENV)
+    if env:
+        return Path(env).expanduser()
+    tree = Path(__file__).resolve().parents[2] / "fixtures" / "organisms"
+    return tree if tree.is_dir() else Path.cwd() / "fixtures" / "organisms"
+
+
+def organism_dir(name: str) -> Path:
+    """The checkpoint directory of the shipped organism ``name``."""
+    return organisms_dir() / name
+
+
+ORGANISMS = organisms_dir()  # as found at import; call organisms_dir() to honour a later env
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -82,8 +101,8 @@ def resolve(spec: str) -> ModelSpec:
     path = Path(spec).expanduser()
     if path.is_dir():
         return ModelSpec(spec, path.resolve(), path.name)
-    if (ORGANISMS / spec).is_dir():
-        return ModelSpec(spec, ORGANISMS / spec, spec)
+    if spec and (organisms_dir() / spec).is_dir():
+        return ModelSpec(spec, organism_dir(spec), spec)
     if looks_like_path(spec):
         raise NoSuchModel(
             f"model {spec!r}: no such directory ({path.absolute()}).{_did_you_mean(spec)} Pass "
@@ -95,10 +114,18 @@ def resolve(spec: str) -> ModelSpec:
 
 
 def organisms() -> list[str]:
-    """Names of the model organisms shipped in ``fixtures/organisms``."""
-    if not ORGANISMS.is_dir():
+    """Names of the model organisms shipped in ``organisms_dir()``."""
+    root = organisms_dir()
+    if not root.is_dir():
         return []
-    return sorted(p.name for p in ORGANISMS.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def checkpoint_shape(spec: str) -> tuple[int, int, int, int]:
+    """``(n_layers, n_heads, d_model, d_vocab)`` of a local checkpoint (a directory or a shipped
+    organism), from its config.json, without loading it."""
+    cfg = json.loads((resolve(spec).path / "config.json").read_text())
+    return (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["vocab_size"])
 
 
 def _from_hub_cache(name: str) -> Path:

@@ -13,15 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures" / "organisms"
 NAMES = ("bigram", "induction", "multitask")
 
 
 def fixture_dir(name: str) -> Path:
-    """Where the shipped checkpoint of organism ``name`` lives."""
+    """Where the shipped checkpoint of organism ``name`` lives (``core.models.organism_dir``)."""
+    from mechtests.core.models import organism_dir
+
     if name not in NAMES:
         raise ValueError(f"organism {name!r}: choose one of {', '.join(NAMES)}")
-    return FIXTURES / name
+    return organism_dir(name)
 
 
 def findings(name_or_dir: str | Path) -> dict[str, Any]:

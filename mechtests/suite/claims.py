@@ -3,7 +3,6 @@ explain themselves (measured value, threshold and why, components expected and f
 
 from __future__ import annotations
 
-import json
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mechtests.core.models import ORGANISMS, describe
+from mechtests.core.models import checkpoint_shape, describe
 
 T = TypeVar("T")
 
@@ -30,8 +29,7 @@ def reference_shape(name: str) -> tuple[int, int, int, int]:
     """The shape of a reference subject: GPT-2 small, or a shipped organism's config."""
     if name in ("gpt2", "openai-community/gpt2"):
         return GPT2_SHAPE
-    cfg = json.loads((ORGANISMS / name / "config.json").read_text())
-    return (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["vocab_size"])
+    return checkpoint_shape(name)
 
 
 def _describe(shape: tuple[int, int, int, int]) -> str:
