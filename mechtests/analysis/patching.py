@@ -569,11 +569,7 @@ def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
     ``"9.9+9.6+..."``. ``meta["clean"]`` is the unablated metric.
     """
     engine = engine_for(engine)  # a model or its Engine
-    if isinstance(components, str):
-        components = [components]
-    parsed = [parse_component(engine, c) for c in components]
-    if not parsed:
-        raise ValueError("ablate needs at least one component")
+    components, parsed = _parse_all(engine, components)
     tokens = engine.check_tokens(tokens)
     N, T = tokens.shape
     rp = _read_positions(read_pos, N, T, tokens.device)
@@ -617,6 +613,14 @@ _ABLATE_HOOK = {"z": "attn.hook_z", "attn_out": "hook_attn_out", "mlp_out": "hoo
                 "mlp_post": "mlp.hook_post"}
 
 
+def _parse_all(engine: Engine, components) -> tuple[list[str], list[tuple[str, tuple]]]:
+    """The component names as a list, and each one's (site, key); at least one."""
+    names = [components] if isinstance(components, str) else list(components)
+    if not names:
+        raise ValueError("an ablation needs at least one component")
+    return names, [parse_component(engine, c) for c in names]
+
+
 def _hook_name(site: str, key: tuple[int, ...]) -> str:
     return f"blocks.{key[0]}.{_ABLATE_HOOK[site]}"
 
@@ -628,11 +632,7 @@ def ablation_edits(engine: Engine, tokens, components: Sequence[str], how: str =
     every position: ``"9.9"``, ``"attn9"``, ``"mlp9"``, ``"mlp9.1234"``; ``how`` as in
     :func:`ablate`."""
     engine = engine_for(engine)
-    if isinstance(components, str):
-        components = [components]
-    parsed = [parse_component(engine, c) for c in components]
-    if not parsed:
-        raise ValueError("an ablation needs at least one component")
+    _, parsed = _parse_all(engine, components)
     tokens = engine.check_tokens(tokens)
     values = ablation_values(engine, tokens, {_hook_name(s, k) for s, k in parsed}, how,
                              reference, seed, by_position)

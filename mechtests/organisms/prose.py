@@ -37,6 +37,7 @@ import torch
 
 from mechtests.analysis.heads import head_scores, repeated_random_tokens
 from mechtests.core.sites import Head
+from mechtests.organisms.train import optimizer
 
 CORPUS = Path("/usr/share/dictd/gcide.dict.dz")
 PACKAGE = "dict-gcide"
@@ -222,12 +223,7 @@ def train(r: ProseRecipe, log=print):
     log(f"corpus {len(text):,} chars -> {len(stream) + len(evals):,} tokens "
         f"({time.time() - t0:.0f} s)")
     model = make_model(r, len(tok))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr,
-                            betas=(0.9, 0.98))
+    params, opt = optimizer(model, r.lr, r.weight_decay)
     g = torch.Generator().manual_seed(r.seed)
     history = []
     for step in range(r.steps + 1):

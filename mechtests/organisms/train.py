@@ -180,12 +180,7 @@ def train(r: Recipe, progress: bool = True):
     else:
         model = make_model(r, len(words))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr,
-                            betas=(0.9, 0.98))
+    params, opt = optimizer(model, r.lr, r.weight_decay)
 
     def lr_at(step: int) -> float:
         if step < r.warmup:
@@ -213,6 +208,16 @@ def train(r: Recipe, progress: bool = True):
             bar.set_postfix(loss=f"{ema:.3f}")
     model.eval()
     return model, tok, ema
+
+
+def optimizer(model, lr: float, weight_decay: float):
+    """(trainable parameters, AdamW): weight decay on matrices only, betas (0.9, 0.98)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return params, torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                                     betas=(0.9, 0.98))
 
 
 def check_init_from(path: Path, words: list[str]) -> None:
