@@ -37,20 +37,18 @@ def _engine(model: Any) -> Any:
 
 
 def _run(model: Any, tokens: torch.Tensor, sites: Sequence[str],
-         edits: dict[str, Edit] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits [n, T, V] and activations at ``sites`` (TL hook names, TL shapes), one forward.
 
-    ``edits`` maps hook names to ``act -> new act`` (like TL forward hooks).
+    Interventions go through the patching core (``mechtests.analysis.patching``), never here.
     """
     eng = _engine(model)
     with torch.no_grad():
         if eng is not None:
-            logits, acts = eng.run(tokens, sites, edits=edits)
+            logits, acts = eng.run(tokens, sites)
             return logits, {s: acts[s] for s in sites}
         want = set(sites)
-        hooks = [(k, lambda act, hook, f=f: f(act)) for k, f in (edits or {}).items()]
-        with model.hooks(fwd_hooks=hooks):
-            logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in want)
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in want)
     missing = want - set(cache.keys())
     if missing:
         raise KeyError(f"hook sites {sorted(missing)} were not recorded; check the names "

@@ -105,6 +105,30 @@ def patterns(model: Any, tokens: Tokens, weighting: str = "attention") -> torch.
     return pat
 
 
+def score_patterns(pat: torch.Tensor, tokens: torch.Tensor, kind: str, over: str = "all",
+                   exclude_bos: bool = False, exclude_current_token: bool = False
+                   ) -> torch.Tensor:
+    """``head_scores``' arithmetic on given patterns ``[n, L, H, T, T]`` (e.g. a Hugging Face
+    model's ``output_attentions`` stacked): per-prompt scores ``[n, L, H]``."""
+    if over not in ("all", "targets"):
+        raise ValueError(f"over={over!r}: choose 'all' (TL's detector) or 'targets'")
+    det = detection_pattern(tokens, kind).to(pat.device)[:, None, None]        # [n,1,1,T,T]
+    if exclude_bos:
+        pat = pat.clone()
+        pat[..., 0] = 0
+    if exclude_current_token:
+        pat = pat * (1 - torch.eye(tokens.shape[1], device=pat.device))
+    hit, mass = (pat * det).sum(-1), pat.sum(-1)                               # [n, L, H, T]
+    if over == "all":
+        return hit.sum(-1) / mass.sum(-1)
+    rows = det.sum(-1) > 0                                                     # [n,1,1,T]
+    if not rows.any():
+        raise ValueError(f"no query position has a target for {kind!r} in these prompts; "
+                         f"use repeated tokens (repeated_random_tokens)")
+    ratio = torch.where(rows, hit / mass.clamp_min(1e-30), torch.zeros_like(hit))
+    return ratio.sum(-1) / rows.sum(-1).clamp_min(1)
+
+
 def head_scores(model: Any, tokens: Tokens, kind: str, exclude_bos: bool = False,
                 exclude_current_token: bool = False, over: str = "all",
                 weighting: str = "attention") -> Result:
@@ -118,26 +142,9 @@ def head_scores(model: Any, tokens: Tokens, kind: str, exclude_bos: bool = False
     (see ``patterns``): the share of what the head moves that comes from the marked keys.
     Axes ``(layer, head)``; per_prompt has one row per prompt.
     """
-    if over not in ("all", "targets"):
-        raise ValueError(f"over={over!r}: choose 'all' (TL's detector) or 'targets'")
     toks = _tokens(model, tokens)
-    det = detection_pattern(toks, kind).to(toks.device)[:, None, None]         # [n,1,1,T,T]
-    pat = patterns(model, toks, weighting)
-    if exclude_bos:
-        pat = pat.clone()
-        pat[..., 0] = 0
-    if exclude_current_token:
-        pat = pat * (1 - torch.eye(toks.shape[1], device=pat.device))
-    hit, mass = (pat * det).sum(-1), pat.sum(-1)                               # [n, L, H, T]
-    if over == "all":
-        per = hit.sum(-1) / mass.sum(-1)
-    else:
-        rows = det.sum(-1) > 0                                                 # [n,1,1,T]
-        if not rows.any():
-            raise ValueError(f"no query position has a target for {kind!r} in these prompts; "
-                             f"use repeated tokens (repeated_random_tokens)")
-        ratio = torch.where(rows, hit / mass.clamp_min(1e-30), torch.zeros_like(hit))
-        per = ratio.sum(-1) / rows.sum(-1).clamp_min(1)
+    per = score_patterns(patterns(model, toks, weighting), toks, kind, over, exclude_bos,
+                         exclude_current_token)
     labels = {"layer": _labels(model.cfg.n_layers), "head": _labels(model.cfg.n_heads)}
     return Result(f"{kind.removesuffix('_head')} score", ("layer", "head"), labels, per.mean(0),
                   per, {"exclude_bos": exclude_bos,
@@ -301,4 +308,5 @@ __all__ = [
     "patterns",
     "repeat_loss",
     "repeated_random_tokens",
+    "score_patterns",
 ]

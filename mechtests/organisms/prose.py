@@ -35,7 +35,12 @@ from typing import Any
 
 import torch
 
-from mechtests.analysis.heads import head_scores, repeated_random_tokens
+from mechtests.analysis.heads import (
+    head_scores,
+    repeat_loss,
+    repeated_random_tokens,
+    score_patterns,
+)
 from mechtests.core.sites import Head
 from mechtests.organisms.train import optimizer
 
@@ -198,18 +203,11 @@ def repeated_prose_loss(model, r: ProseRecipe, stream: torch.Tensor, n: int = 64
 def head_score_snapshot(model, r: ProseRecipe) -> dict[str, list[list[float]]]:
     """Previous-token and induction scores per head (TL's definitions, offset 1) of a raw
     HF model during training, on repeated random tokens (BOS + 2 x 20)."""
-    from mechtests.analysis.heads import detection_pattern
-
     toks = repeated_random_tokens(20, batch=8, seed=0, vocab_range=(1, 2048), bos=0)
     att = model(toks, output_attentions=True).attentions  # L x [n, H, T, T]
     pat = torch.stack(att, 1)
-    out = {}
-    for kind in ("previous_token", "induction"):
-        det = detection_pattern(toks, kind)[:, None, None]
-        rows = det.sum(-1) > 0
-        ratio = (pat * det).sum(-1) / pat.sum(-1)
-        out[kind] = ((ratio * rows).sum(-1) / rows.sum(-1)).mean(0).tolist()
-    return out
+    return {kind: score_patterns(pat, toks, kind, "targets").mean(0).tolist()
+            for kind in ("previous_token", "induction")}
 
 
 def train(r: ProseRecipe, log=print):
@@ -298,7 +296,6 @@ def _ranked(r, threshold: float) -> list[tuple[str, float]]:
 @torch.no_grad()
 def prose_findings(model, corpus_chars: int | None = None) -> dict[str, Any]:
     from mechtests.analysis.patching import ablate
-    from mechtests.core.engine import engine_for
 
     V, bos = model.cfg.d_vocab, model.tokenizer.bos_token_id
     rand = repeated_random_tokens(N_RANDOM, batch=16, seed=0, vocab_range=(bos + 1, V), bos=bos)
@@ -313,7 +310,6 @@ def prose_findings(model, corpus_chars: int | None = None) -> dict[str, Any]:
     out["previous_token_heads"] = _ranked(prev, PREV_THRESHOLD)
     out["induction_heads"] = _ranked(ind, INDUCTION_THRESHOLD)
 
-    engine = engine_for(model)
     idx = torch.arange(len(answers))
 
     def logprob(logits: torch.Tensor) -> torch.Tensor:  # [..., n, V] -> [..., n]
@@ -321,20 +317,20 @@ def prose_findings(model, corpus_chars: int | None = None) -> dict[str, Any]:
 
     heads = [str(Head(la, h)) for la in range(model.cfg.n_layers)
              for h in range(model.cfg.n_heads)]
-    single = ablate(engine, prose, heads, logprob, how="zero")
-    out["prose_copy_logprob"] = single.meta["clean"]
+    single = ablate(model, prose, heads, logprob, how="zero")
+    out["prose_copy_logprob"] = single.clean
     out["ablate_each_head"] = {c: round(float(v), 4) for c, v in
                                zip(single.labels["component"], single.values)}
     for role in ("induction_heads", "previous_token_heads"):
         named = [h for h, _ in out[role]]
         if named:
-            together = ablate(engine, prose, named, logprob, how="zero", together=True)
+            together = ablate(model, prose, named, logprob, how="zero", together=True)
             out[f"ablate_{role}"] = float(together.values.reshape(-1)[0])
-    # next-token loss on the repeated half of random tokens (predictable only by induction)
-    logits, _ = engine.run(rand)
-    nll = -logits[:, :-1].log_softmax(-1).gather(-1, rand[:, 1:, None])[..., 0]
-    out["random_repeat_loss"] = {"first_half": float(nll[:, :N_RANDOM].mean()),
-                                 "second_half": float(nll[:, N_RANDOM + 1:].mean())}
+    # next-token loss on each copy of the random tokens (the second predictable only by
+    # induction): tokens 2..N of each copy
+    loss = repeat_loss(model, rand, bos=True)
+    out["random_repeat_loss"] = {"first_half": loss.at(copy="first"),
+                                 "second_half": loss.at(copy="second")}
     return out
 
 
@@ -366,8 +362,9 @@ def render(f: dict[str, Any], training: dict[str, Any]) -> str:
         f"random tokens): **{prevs}**.",
         f"- Induction heads (attention to the token after the current token's earlier copy > "
         f"{INDUCTION_THRESHOLD}): **{heads}**.",
-        f"- Loss on repeated random tokens (BOS + 2 x {N_RANDOM}): first half "
-        f"{rl['first_half']:.3f} nats, repeated half **{rl['second_half']:.3f}** nats.",
+        f"- Loss on repeated random tokens (BOS + 2 x {N_RANDOM}, tokens 2..{N_RANDOM} of each "
+        f"copy): first copy "
+        f"{rl['first_half']:.3f} nats, repeated copy **{rl['second_half']:.3f}** nats.",
         f"- Repeated held-out prose ({N_PROSE} tokens, then its first {PREFIX} again): mean "
         f"log-probability of the next copied token {f['prose_copy_logprob']:.3f}.",
     ]
