@@ -19,9 +19,9 @@ only at the read position; the batch is chunked to ``memory_budget_mb``.
 Conventions. ``direction="denoise"`` patches clean activations into the corrupted run (the
 result is the corrupted run's metric after the patch); ``"noise"`` patches corrupted into clean.
 The metric takes logits at the read position, ``(..., n_prompts, d_vocab)``, and returns
-``(..., n_prompts)``. Results have a per-prompt axis and ``meta["clean"]``,
-``meta["corrupted"]`` (metric means) so ``r.normalized(r.meta["clean"], r.meta["corrupted"])``
-gives restoration. Every public function takes a model or its ``Engine``
+``(..., n_prompts)``. Results have a per-prompt axis and the metric means ``r.clean``,
+``r.corrupted`` (per prompt: ``r.clean_per_prompt``, ...), so ``r.restored()`` gives
+restoration. Every public function takes a model or its ``Engine``
 (``engine_for``). Components are named ``"9.9"`` (layer 9 head 9), ``"attn9"`` / ``"mlp9"``
 (a layer's attention or MLP output), ``"mlp9.1234"`` (neuron 1234 of layer 9's MLP).
 """
@@ -566,7 +566,7 @@ def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
     random reference prompt's
     activation). Components: ``"9.9"`` (head z, all positions), ``"attn9"``, ``"mlp9"``,
     ``"mlp9.1234"`` (neuron). Result axis ``component``; together gives one cell labelled
-    ``"9.9+9.6+..."``. ``meta["clean"]`` is the unablated metric.
+    ``"9.9+9.6+..."``. ``r.clean`` is the unablated metric.
     """
     engine = engine_for(engine)  # a model or its Engine
     components, parsed = _parse_all(engine, components)
