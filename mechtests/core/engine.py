@@ -123,7 +123,11 @@ class Engine:
     def __init__(self, model, verify: bool = True) -> None:
         cfg = model.cfg
         hf = _reference_model(model)
-        self._model, self.cfg = weakref.ref(model), cfg
+        try:
+            self._model = weakref.ref(model)
+        except TypeError:  # not weak-referenceable (a stand-in object): held outright
+            self._model = lambda: model
+        self.cfg = cfg
         self.tokenizer = getattr(model, "tokenizer", None)
         family = getattr(getattr(hf, "config", None), "model_type", None)
         if hf is None and _bridge_family(model) in _HF_FAMILIES:
@@ -751,7 +755,10 @@ def engine_for(model) -> Engine:
     if isinstance(model, Engine):
         return model
     stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    held = _ENGINES.get(model)
+    try:
+        held = _ENGINES.get(model)
+    except TypeError:  # not weak-referenceable: nowhere to keep it, built each time
+        return Engine(model)
     if held is None or held[0] != stamp:
         held = (stamp, Engine(model))
         _ENGINES[model] = held
