@@ -158,7 +158,7 @@ def _from_hub_cache(name: str) -> Path:
     return path
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     """The safetensors files a checkpoint loads from: ``model.safetensors``, or every shard of
     a complete ``model.safetensors.index.json``; anything else is refused."""
     if (path / WEIGHTS).is_file():
@@ -234,7 +234,7 @@ def check_checkpoint(path: Path) -> None:
         )
     from safetensors import safe_open
 
-    for w in _weight_files(path):
+    for w in weight_files(path):
         try:
             with safe_open(str(w), framework="pt") as f:
                 keys = list(f.keys())

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-NAMES = ("bigram", "induction", "multitask")
+NAMES = ("bigram", "induction", "multitask", "skip-trigram")
 
 
 def fixture_dir(name: str) -> Path:

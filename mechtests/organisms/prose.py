@@ -42,7 +42,7 @@ from mechtests.analysis.heads import (
     score_patterns,
 )
 from mechtests.core.sites import Head
-from mechtests.organisms.train import optimizer
+from mechtests.organisms.train import optimizer, optimizer_step
 
 CORPUS = Path("/usr/share/dictd/gcide.dict.dz")
 PACKAGE = "dict-gcide"
@@ -240,16 +240,8 @@ def train(r: ProseRecipe, log=print):
             break
         lr = r.lr * (step + 1) / r.warmup if step < r.warmup else r.lr * (
             0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - r.warmup) / (r.steps - r.warmup))))
-        for group in opt.param_groups:
-            group["lr"] = lr
         toks = window_batch(r, stream, g, r.batch)
-        logits = model(toks).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 toks[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(model, opt, params, toks, lr)
     model.eval()
     return model, tok, history
 

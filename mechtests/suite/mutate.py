@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from mechtests.core.models import remember, spec_of
-from mechtests.suite.report import merge, verdict  # noqa: F401 - mutation verdicts live with the report
+from mechtests.suite.report import merge_mutations as merge  # noqa: F401 - with the report
+from mechtests.suite.report import verdict  # noqa: F401 - mutation verdicts live with the report
 
 UNNAMED_NOISE = 0.10  # relative std of the noise on components the claim does not name
 ALL_NOISE = 0.01  # relative std of the noise on every weight

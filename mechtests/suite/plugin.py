@@ -78,18 +78,13 @@ def _seed(text: str) -> int:
 
 
 def _specs(specs: list[str]) -> list[str]:
-    """The specs once each, in order: the same model given twice runs (and is reported) once.
+    """``core.sequence.unique_specs``, a bad sequence stopping the run with its message."""
+    from mechtests.core.sequence import SequenceError, unique_specs
 
-    Two spellings of one existing directory (``ckpt``, ``./ckpt/``) count as the same model.
-    """
-    from pathlib import Path
-
-    seen: dict[str, str] = {}
-    for spec in specs:
-        path = Path(spec).expanduser()
-        key = str(path.resolve()) if path.is_dir() else spec
-        seen.setdefault(key, spec)
-    return list(seen.values())
+    try:
+        return unique_specs(specs)
+    except SequenceError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -157,15 +152,33 @@ class ModelSkipped(pytest.skip.Exception):  # type: ignore[name-defined,misc]
         self.spec, self.message = spec, message
 
 
+def worker_device(device: str | None, worker: str | None, n_gpus: int) -> str | None:
+    """The device a pytest-xdist worker loads its models on: worker ``gw<i>`` takes
+    ``cuda:<i mod n_gpus>`` when ``--device`` is left out (or is plain ``cuda``) and the machine
+    has GPUs; ``--device cpu`` or ``cuda:N`` is kept as given, and so is everything outside
+    xdist. Each worker loads each model once (session cache); ``--dist loadgroup`` keeps a
+    model's tests on one worker."""
+    if not n_gpus or not worker or device not in (None, "cuda"):
+        return device
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        return device
+    return f"cuda:{int(worker[2:]) % n_gpus}"
+
+
 @pytest.fixture(scope="session")
 def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
     """``models(spec)``: the model for ``spec``, loaded once per run with ``--device`` and
     ``--dtype``. A model whose weights are not here is a skip with the loader's message (how
     to get them); a checkpoint that fails to load is an error, shown in full for the first
     test that needs it and in one line for the others (it is tried once, not per test)."""
+    import os
+
     loaded: dict[str, Any] = {}
     first: dict[str, str] = {}  # spec -> the test that reported its load error in full
-    device, dtype = pytestconfig.getoption("--device"), pytestconfig.getoption("--dtype")
+    dtype = pytestconfig.getoption("--dtype")
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = worker_device(pytestconfig.getoption("--device"),
+                           os.environ.get("PYTEST_XDIST_WORKER"), n_gpus)
 
     def get(spec: str, nodeid: str = ""):
         fresh = spec not in loaded
