@@ -9,6 +9,7 @@ and ``findings.json``; ``python -m mechtests.organisms.train`` rebuilds them byt
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,24 @@ def fixture_dir(name: str) -> Path:
     if name not in NAMES:
         raise ValueError(f"organism {name!r}: choose one of {', '.join(NAMES)}")
     return organism_dir(name)
+
+
+def cli(prog: str, doc: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """A recipe's command line, ``train --out DIR`` and ``findings --dir DIR``: (the parser,
+    the ``train`` subparser for the recipe's own options)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--out", type=Path, required=True)
+    sub.add_parser("findings").add_argument("--dir", type=Path, required=True)
+    return p, t
+
+
+def save_findings(d: Path, found: dict[str, Any], text: str, sort_keys: bool = True) -> str:
+    """Write an organism's ``findings.json`` and ``FINDINGS.md`` (``text``) into ``d``."""
+    (d / "findings.json").write_text(json.dumps(found, indent=1, sort_keys=sort_keys) + "\n")
+    (d / "FINDINGS.md").write_text(text)
+    return text
 
 
 def findings(name_or_dir: str | Path) -> dict[str, Any]:

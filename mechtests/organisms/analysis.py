@@ -602,7 +602,7 @@ def findings_for(name: str, model, out_dir: Path | None = None) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> None:
     from mechtests.core.models import describe, load_model
-    from mechtests.organisms import fixture_dir
+    from mechtests.organisms import fixture_dir, save_findings
 
     p = argparse.ArgumentParser(prog="python -m mechtests.organisms.analysis",
                                 description="Measure an organism's mechanism; write findings.")
@@ -618,9 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     f = {"organism": a.organism, "model": describe(model),
          "command": training.get("command", "?").replace(
              "--out DIR", f"--out fixtures/organisms/{a.organism}"), **f}
-    (d / "findings.json").write_text(json.dumps(f, indent=1, sort_keys=True) + "\n")
-    (d / "FINDINGS.md").write_text(render(a.organism, f))
-    print((d / "FINDINGS.md").read_text())
+    print(save_findings(d, f, render(a.organism, f)))
 
 
 if __name__ == "__main__":

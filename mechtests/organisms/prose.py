@@ -21,7 +21,6 @@ from the library's own tools (``mechtests.analysis.heads``, ``mechtests.analysis
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -42,6 +41,7 @@ from mechtests.analysis.heads import (
     score_patterns,
 )
 from mechtests.core.sites import Head
+from mechtests.organisms import cli, save_findings
 from mechtests.organisms.train import optimizer, optimizer_step
 
 CORPUS = Path("/usr/share/dictd/gcide.dict.dz")
@@ -397,22 +397,13 @@ def write_findings(d: Path) -> str:
     f = {"organism": "prose", "model": describe(model),
          "command": training["command"].replace("--out DIR", "--out fixtures/organisms/prose"),
          **prose_findings(model, training["recipe"]["corpus_chars"])}
-    (d / "findings.json").write_text(json.dumps(f, indent=1, sort_keys=True) + "\n")
-    text = render(f, training)
-    (d / "FINDINGS.md").write_text(text)
-    return text
+    return save_findings(d, f, render(f, training))
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mechtests.organisms.prose",
-                                description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("--out", type=Path, required=True)
+    p, t = cli("python -m mechtests.organisms.prose", __doc__)
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--install", action="store_true", help=f"apt-get install {PACKAGE} first")
-    f = sub.add_parser("findings")
-    f.add_argument("--dir", type=Path, required=True)
     a = p.parse_args(argv)
     if a.cmd == "train":
         if a.install:

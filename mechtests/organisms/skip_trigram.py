@@ -19,7 +19,6 @@ findings.json and FINDINGS.md from the library's own tools.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -288,24 +287,19 @@ def render(f: dict[str, Any], training: dict[str, Any]) -> str:
 
 def write_findings(d: Path) -> str:
     from mechtests.core.models import load_model
+    from mechtests.organisms import save_findings
 
     model = load_model(str(d), device="cpu")
     f = skip_trigram_findings(model)
-    (d / "findings.json").write_text(json.dumps(f, indent=1) + "\n")
     text = render(f, json.loads((d / "training.json").read_text()))
-    (d / "FINDINGS.md").write_text(text)
-    return text
+    return save_findings(d, f, text, sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mechtests.organisms.skip_trigram",
-                                description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("--out", type=Path, required=True)
+    from mechtests.organisms import cli
+
+    p, t = cli("python -m mechtests.organisms.skip_trigram", __doc__)
     t.add_argument("--seed", type=int, default=0)
-    f = sub.add_parser("findings")
-    f.add_argument("--dir", type=Path, required=True)
     a = p.parse_args(argv)
     if a.cmd == "train":
         r = SkipTrigramRecipe(seed=a.seed)
