@@ -26,6 +26,7 @@ from mechtests.analysis.attribution import (
 from mechtests.analysis.patching import sweep
 from mechtests.core import metrics as M
 from mechtests.core.engine import run
+from mechtests.core.sites import component
 from mechtests.suite.claims import holds
 
 
@@ -75,7 +76,7 @@ def test_most_separating_neuron_pushes_towards_its_pronoun(subject, kind, record
     record.components([f"mlp_{ref.neuron_layer}"])
     end = fam.positions["END"]
     sep = separating_neurons(subject.model, fam.clean, fam.corrupted, ref.neuron_layer, end, end)
-    neuron = int(sep.top_k(1)[0][0].split(".")[1])
+    neuron = component(f"mlp{sep.top_k(1)[0][0]}").index  # top label "L.N"
     patched = sweep(subject.model, "mlp_post", fam.clean, fam.corrupted,
                     fam.logit_diff(), by=("layer", "neuron"), layers=[ref.neuron_layer],
                     neurons=[neuron])
