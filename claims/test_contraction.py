@@ -16,6 +16,13 @@ direct logit attribution (0.96, 0.3 not in the top 3) and 0.0, a layer-0 head th
 by position, by patching (0.35, 0.3 next at 0.28). FINDINGS.md's template-0 analysis names 3.2
 and 0.0 for that reason. So "0.3 is the contraction mover" is a claim about this mixed family,
 not about every contraction prompt (tests/test_claims_break.py checks template 0 alone).
+
+Norm-based attention (Kobayashi et al. 2020, ``attention_between(..., weighting="norm")``)
+leaves the organism's story as it is: 0.3's share from the pronoun to the contraction is .45 of
+its attention and .48 of what it moves. Where it would change the story is a head whose output
+is broken: with 0.3's output weights zeroed its raw pattern is unchanged (they do not enter it)
+while the norm view gives it 0. The attention claim is about where the head looks, so it reads
+the raw pattern; the attribution and patching claims are the ones that see the output.
 """
 
 from __future__ import annotations

@@ -54,7 +54,9 @@ REFS = {
 }
 # Attention to the IO is GPT-2's name-mover story only: the organism's IOI heads attend to S2
 # (1.1, 1.2: 0.98) and to the object word (3.3: 0.96), so it suppresses S rather than copying
-# the IO (fixtures/organisms/multitask/FINDINGS.md); the claim does not apply to it.
+# the IO (fixtures/organisms/multitask/FINDINGS.md); the claim does not apply to it. The
+# norm-based view (Kobayashi et al. 2020, weighting="norm") agrees: 1.1 and 1.2 move .99 and .98
+# of what they write from S2, nothing from the IO.
 ATTENDS = {"gpt2": REFS["gpt2"]}
 MIN_MOVER_DLA = 0.5
 SOURCE = "Wang et al. 2022 (IOI); TransformerLens Exploratory Analysis Demo"

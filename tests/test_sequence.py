@@ -224,6 +224,16 @@ def test_save_every_writes_ordinary_checkpoints_and_leaves_training_unchanged(tm
     final = (tmp_path / "plain" / "model.safetensors").read_bytes()
     assert (steps / "step-000004" / "model.safetensors").read_bytes() == final
     assert (steps / "step-000002" / "model.safetensors").read_bytes() != final
+    # step 0 is the initialisation itself (no update yet): the recipe's seeded init
+    import torch
+    from safetensors.torch import load_file
+
+    from mechtests.organisms.train import RECIPES, make_model, vocab
+
+    torch.manual_seed(RECIPES["induction"].seed)
+    init = make_model(RECIPES["induction"], len(vocab("induction"))).state_dict()
+    saved = load_file(steps / "step-000000" / "model.safetensors")
+    assert saved and all(torch.equal(saved[k], init[k]) for k in saved)
 
 
 # -- Ray: each checkpoint one task, one merged report ----------------------------------------------

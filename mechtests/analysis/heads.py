@@ -221,13 +221,14 @@ def offset_scores(model: Any, tokens: Tokens, kind: str, offset: int = 1,
     return Result(f"{kind} score (offset {offset})", ("layer", "head"), labels, per.mean(0), per)
 
 
-def repeat_loss(model: Any, tokens: Tokens, ablate: Sequence[str] = (),
-                skip_first_repeat: bool = True, bos: bool | None = None) -> Result:
+def repeat_loss(model: Any, tokens: Tokens, ablate: Sequence[str] = (), first_from: int = 2,
+                second_from: int = 2, bos: bool | None = None) -> Result:
     """Next-token loss (nats) on each copy of ``[BOS] + seg + seg``, components zero-ablated.
 
-    ``first``: the first copy's tokens 2..n (the first has nothing to go on); ``second``: the
-    second copy's tokens 2..n, or 1..n with ``skip_first_repeat=False`` (its first token is
-    as unpredictable as any). ``ablate``: components (``"1.3"``, ``"mlp0"``, ...) zeroed at
+    ``first``: the mean over the first copy's tokens ``first_from``..n (default 2: the first
+    has nothing to go on; 1 needs a BOS to predict it from); ``second``: over the second copy's
+    tokens ``second_from``..n (default 2: its first token is as unpredictable as any).
+    ``ablate``: components (``"1.3"``, ``"mlp0"``, ...) zeroed at
     every position, through the engine (``patching.ablation_edits``). Axis ``copy``;
     per_prompt has one row per prompt.
     """
@@ -242,8 +243,12 @@ def repeat_loss(model: Any, tokens: Tokens, ablate: Sequence[str] = (),
         logits, _ = engine.run(toks, edits=edits)
     nll = -logits[:, :-1].float().log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
     # nll[:, j] is the loss on token j + 1
-    first = nll[:, s:s + n - 1].mean(1)
-    second = nll[:, s + n - 1 + int(skip_first_repeat):].mean(1)
+    if not (1 <= first_from <= n and 1 <= second_from <= n and s + first_from >= 2):
+        raise ValueError(f"first_from={first_from}, second_from={second_from}: each runs "
+                         f"1..{n} (the segment's tokens), and token 1 of the first copy only "
+                         f"with a BOS before it")
+    first = nll[:, s + first_from - 2:s + n - 1].mean(1)
+    second = nll[:, s + n + second_from - 2:].mean(1)
     per = torch.stack([first, second], 1)
     return Result("repeat loss", ("copy",), {"copy": ["first", "second"]}, per.mean(0), per,
                   {"ablated": [str(c) for c in ablate]})

@@ -174,7 +174,7 @@ def repeat_loss(model, n: int = 100, length: int = 10, seed: int = 0,
     optionally with heads zero-ablated (``heads.repeat_loss``; the second copy's first word,
     unpredictable, counts)."""
     toks = random_tokens(model, n, length, seed, repeat=True)
-    r = heads_repeat_loss(model, toks, ablate, skip_first_repeat=False, bos=True)
+    r = heads_repeat_loss(model, toks, ablate, second_from=1, bos=True)
     return {"first_half": r.at(copy="first"), "second_half": r.at(copy="second")}
 
 
