@@ -57,6 +57,7 @@ class Subject:
     spec: str
     name: str
     model: Any
+    mutant: str = ""  # a --mutate mutant of the subject: never the reference itself
 
     @property
     def shape(self) -> str:

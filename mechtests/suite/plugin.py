@@ -64,6 +64,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "subject (heads renumbered, the named components' attention or output "
                          "broken, unnamed components and all weights perturbed) and report a "
                          "kill matrix and a verdict per claim")
+    group.addoption("--strict-components", action="store_true", default=False,
+                    help="check each claim on the very components its reference names (the "
+                         "same head indices), not on whatever plays their role on this "
+                         "checkpoint; the role verdict is then shown beside")
 
 
 def _seed(text: str) -> int:
@@ -262,6 +266,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     report = yield
     exc = call.excinfo
     if exc is None:
+        if call.when == "call" and report.passed and _moved(item):
+            report.mechtests_outcome = "moved"  # held, on other components (roles.py)
         return report
     if isinstance(exc.value, ModelSkipped):
         report.longrepr = (f"model {exc.value.spec}", None, exc.value.message)
@@ -279,12 +285,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     return report
 
 
+def _moved(item: pytest.Item) -> bool:
+    """Whether a claim test cast a role onto other components than its reference's."""
+    from mechtests.suite.report import PREFIX
+
+    return any(k == PREFIX + "cast" and v.get("moved") for k, v in item.user_properties)
+
+
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
     marked = getattr(report, "mechtests_outcome", None)
     if report.when == "call" and marked == "inconclusive":
         return "inconclusive", "i", ("INCONCLUSIVE", {"yellow": True})
     if report.when == "call" and marked == "error":
         return "error", "E", ("ERROR", {"red": True})
+    if report.when == "call" and marked == "moved":
+        return "moved", "m", ("HELD, MOVED", {"blue": True})
     return None
 
 

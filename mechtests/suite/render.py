@@ -163,6 +163,15 @@ def moved_text(test: dict[str, Any]) -> str:
     return ", ".join(f"{a} → {b}" for a, b in moved.items())
 
 
+def beside_text(beside: dict[str, Any]) -> str:
+    """``strict (the very same heads): failed: ...``: the answer to the question that did not
+    decide the verdict (``roles.verdict``), in words."""
+    what = {"strict": "strict (the very same heads)", "role": "by role"}.get(
+        beside.get("question", ""), str(beside.get("question")))
+    out = f"{what}: {WORDS.get(beside.get('outcome', ''), beside.get('outcome'))}"
+    return out + (f": {beside['reason']}" if beside.get("reason") else "")
+
+
 def _exception(reason: str) -> str:
     """The exception's name from an error's reason (``setup: ValueError: ...`` -> ValueError)."""
     text = reason.split(": ", 1)[1] if reason.startswith(("setup: ", "teardown: ")) else reason
@@ -202,6 +211,8 @@ def test_text(test: dict[str, Any], outcome: bool = True) -> str:
     parts = [WORDS.get(test.get("outcome", ""), test.get("outcome", ""))] if outcome else []
     if test.get("moved"):
         parts.append("components moved: " + moved_text(test))
+    if test.get("beside"):
+        parts.append(beside_text(test["beside"]))
     parts += [measure_text(m) for m in test.get("measurements") or []]
     reason = reason_text(test)
     if reason and test.get("outcome") != "held":
@@ -221,7 +232,10 @@ def why(test: dict[str, Any]) -> str:
     if out == "moved":
         m = key_measurement(test)
         return f"held with the components moved ({moved_text(test)})" + (
-            f": {measure_text(m)}" if m else "")
+            f": {measure_text(m)}" if m else "") + (
+            f"; {beside_text(test['beside'])}" if test.get("beside") else "")
+    if test.get("beside") and reason:
+        return f"{reason}; {beside_text(test['beside'])}"
     if reason:
         return reason
     m = key_measurement(test)

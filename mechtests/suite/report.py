@@ -19,6 +19,7 @@ error). Earlier reports are kept. The renderers (HTML, Markdown, figures) are in
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import json
@@ -29,9 +30,10 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -85,6 +87,32 @@ class Record:
             "components": names, "breaks": list(breaks), "index_free": bool(index_free),
             "together": bool(together)}))
 
+    def cast(self, role: str, means: str, expected: Any, found: Any, moved: dict[str, str],
+             vacant: Any = ()) -> None:
+        """Record a role resolved on the subject (``mechtests.suite.roles.cast``): the
+        reference's components, who plays the role here, and who moved where."""
+        self._node.user_properties.append((PREFIX + "cast", {
+            "role": role, "means": means, "expected": list(expected), "found": list(found),
+            "moved": dict(moved), "vacant": list(vacant)}))
+
+    def beside(self, question: str, outcome: str, reason: str = "") -> None:
+        """Record the answer to the question that did not decide the verdict: ``"strict"``
+        (are the very same heads doing it) beside a role verdict, or ``"role"`` beside a
+        ``--strict-components`` one."""
+        self._node.user_properties.append((PREFIX + "beside", {
+            "question": question, "outcome": outcome, "reason": reason}))
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Measurements made inside are kept out of the verdict's (``record.beside``'s
+        question is answered there)."""
+        node = self._node
+        self._node = SimpleNamespace(user_properties=[], config=getattr(node, "config", None))
+        try:
+            yield
+        finally:
+            self._node = node
+
     def check(self, value: Any, threshold: float, op: str = ">=", what: str = "") -> None:
         """``measured``, then fail the test with the numbers if it does not hold."""
         __tracebackhide__ = True
@@ -136,6 +164,9 @@ class TestResult:
     measurements: list[dict[str, Any]] = field(default_factory=list)
     heatmaps: list[dict[str, Any]] = field(default_factory=list)
     mutation: dict[str, Any] | None = None  # this test's kill matrix under --mutate
+    casts: list[dict[str, Any]] = field(default_factory=list)  # roles resolved (roles.cast)
+    moved: dict[str, str] = field(default_factory=dict)  # {"3.3": "3.0"}: held on other heads
+    beside: dict[str, Any] | None = None  # the other question's answer (strict or role)
     unavailable: str = ""  # the full how-to when the model's weights are not on this machine
 
     def summary(self) -> str:
@@ -146,7 +177,7 @@ class TestResult:
         failing = [m for m in self.measurements if not m["held"]]
         if self.outcome in ("failed", "xfailed") and failing:
             return "; ".join(_measure_text(m) for m in failing)
-        if self.outcome in ("held", "xpassed") and self.measurements:
+        if self.outcome in ("held", "moved", "xpassed") and self.measurements:
             shown = [m for m in self.measurements if m.get("kind", "evidence") == "evidence"]
             return "; ".join(_measure_text(m) for m in shown or self.measurements)
         return self.reason
@@ -178,6 +209,9 @@ def _update(res: TestResult, report: pytest.TestReport) -> None:
     props = [(k, v) for k, v in report.user_properties if str(k).startswith(PREFIX)]
     res.measurements = [v for k, v in props if k == PREFIX + "measured"]
     res.heatmaps = [v for k, v in props if k == PREFIX + "heatmap"]
+    res.casts = [v for k, v in props if k == PREFIX + "cast"]
+    res.moved = {a: b for c in res.casts for a, b in c.get("moved", {}).items()}
+    res.beside = next((v for k, v in props if k == PREFIX + "beside"), None)
     for k, v in props:
         if k == PREFIX + "subject":
             res.subject = v
@@ -196,7 +230,8 @@ def _update(res: TestResult, report: pytest.TestReport) -> None:
                 res.reason = "the model's weights are not on this machine (see the note)"
     elif report.when == "call":
         if report.passed:
-            res.outcome = "xpassed" if hasattr(report, "wasxfail") else "held"
+            res.outcome = "xpassed" if hasattr(report, "wasxfail") else \
+                ("moved" if res.moved else "held")
             res.reason = ""
         elif report.failed:
             res.outcome = "error" if marked == "error" else "failed"
@@ -383,12 +418,21 @@ def summary_lines(results: list[TestResult]) -> list[str]:
     """The claims' verdicts for the terminal: the five outcomes counted, why each error and
     inconclusive, one line per model whose weights are absent, and ``--mutate``'s kill matrix."""
     counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
+    shown = ("held",) + (("moved",) if counts["moved"] else ()) + (
+        "failed", "error", "inconclusive", "skipped") + (
+        ("xfailed", "xpassed") if counts["xfailed"] or counts["xpassed"] else ())
     out = ["", "mechtests claims: " + ", ".join(
-        f"{counts[o]} {o}" for o in ("held", "failed", "error", "inconclusive", "skipped")
-        + ("xfailed", "xpassed")[: 2 if counts["xfailed"] or counts["xpassed"] else 0])]
+        f"{counts[o]} {render.WORDS[o] if o == 'moved' else o}" for o in shown)]
     for r in results:
         if r.outcome in ("error", "inconclusive"):
             out.append(f"  {r.outcome.upper()} {r.nodeid}: {r.reason}")
+        if r.moved or r.beside:
+            where = ", ".join(f"{a} -> {b}" for a, b in r.moved.items())
+            line = f"  {render.WORDS.get(r.outcome, r.outcome).upper()} {r.nodeid}"
+            line += f": {where}" if where else ""
+            if r.beside:
+                line += f" ({render.beside_text(r.beside)})"
+            out.append(line)
     for note in notes(results):
         out.append(f"  model {note['model']}: {note['tests']} claim tests skipped. {note['note']}")
     mut = mutation(results)
@@ -592,6 +636,8 @@ def verdict(matrix: dict[str, dict[str, Any]]) -> str:
     if m["expected"] == "same":
         return "index-dependent under relabel" if m["outcome"] == "held" else \
             "fragile under relabel"
+    if m["expected"] == "moved":
+        return "does not follow its heads when renumbered"
     return f"fragile under {name}"
 
 
