@@ -116,6 +116,27 @@ def _call_metric(metric: Metric, logits: torch.Tensor, engine: Engine | None = N
     return out
 
 
+def _score(engine: Engine, metric: Metric, x: torch.Tensor, tokens: torch.Tensor | None = None,
+           patches: Sequence[tuple] | None = None, budget_mb: float | None = None
+           ) -> torch.Tensor:
+    """The metric of final residuals ``x`` ``[..., n_prompts, d]`` at the read position.
+
+    A metric that declares the token ids it reads (``metric.reads``, as ``logit_diff``) gets
+    only those logits; any other gets the whole row, unembedded in blocks of leading rows that
+    fit ``budget_mb``."""
+    reads = getattr(metric, "reads", None)
+    if reads is not None:
+        return _call_metric(metric.on_columns, engine.unembed_columns(x, reads), engine, tokens,
+                            patches)
+    if x.dim() < 3 or budget_mb is None:
+        return _call_metric(metric, engine.unembed(x), engine, tokens, patches)
+    row = x.shape[1:-1].numel() * engine.d_vocab * 4
+    step = max(1, int(budget_mb * 2**20 // row))
+    return torch.cat([_call_metric(metric, engine.unembed(x[c:c + step]), engine, tokens,
+                                   None if patches is None else patches[c:c + step])
+                      for c in range(0, len(x), step)])
+
+
 def _pair(engine: Engine, clean, corrupted) -> tuple[torch.Tensor, torch.Tensor]:
     clean, corrupted = engine.check_tokens(clean), engine.check_tokens(corrupted)
     if clean.shape != corrupted.shape:
@@ -150,8 +171,7 @@ def _run(engine: Engine, tokens, want: Iterable[str], metric: Metric, rp) -> _Ru
     ctx = Ctx(set(want))
     x = engine.forward(engine.embed(tokens, ctx), 0, ctx=ctx)[:, 0]
     final = x[torch.arange(len(x), device=x.device), rp]
-    return _Run(tokens, ctx.cache, rp, final,
-                _call_metric(metric, engine.unembed(final), engine, tokens))
+    return _Run(tokens, ctx.cache, rp, final, _score(engine, metric, final, tokens))
 
 
 def _stage_name(engine: Engine, stage: int) -> str:
@@ -212,6 +232,8 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
     stage_of = lambda k: _entry_stage(engine, patches.stage(k))  # noqa: E731
     order = sorted((i for i in range(len(patches.keys)) if i not in skip),
                    key=lambda i: (p0_of[i], stage_of(patches.keys[i])))
+    finals = base.final.new_empty(len(patches.keys), N, base.final.shape[-1])
+    done: list[int] = []  # patches whose final residual is in ``finals``
     kv = [(base.cache.get(f"blocks.{lay}.attn.hook_k"), base.cache.get(f"blocks.{lay}.attn.hook_v"))
           for lay in range(engine.n_layers)]
     groups = [(p0, list(g)) for p0, g in groupby(order, key=lambda i: p0_of[i])]
@@ -236,8 +258,11 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
             x = engine.forward(None, min(entries), p0=p0, prefix=prefix, entries=entries,
                                read=base.rp - p0)[:, :, 0]  # [N, P, d]
             x = torch.where(live[:, None, None], x, base.final[:, None])
-            out[part] = _call_metric(metric, engine.unembed(x).transpose(0, 1), engine,
-                                     base.tokens, [patches.keys[i] for i in part])
+            finals[part] = x.transpose(0, 1)
+            done += part
+    if done:  # the unembedding and the metric once for the whole sweep
+        out[done] = _score(engine, metric, finals[done], base.tokens,
+                           [patches.keys[i] for i in done], budget_mb)
     return out
 
 
@@ -680,8 +705,8 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
                 fn.ctx = ctx
             x0 = base.cache[f"blocks.{first}.hook_resid_pre"][:, None].expand(N, P, T, -1)
             x = engine.forward(x0, 2 * first, ctx=ctx, read=rp)[:, :, 0]
-            vals = _call_metric(metric, engine.unembed(x).transpose(0, 1), engine, base_tok,
-                                [f"sender {lay}.{h}" for lay, h in part])
+            vals = _score(engine, metric, x.transpose(0, 1), base_tok,
+                          [f"sender {lay}.{h}" for lay, h in part])
             out[[lay * H + h for lay, h in part]] = vals
     per_prompt = out.T.reshape(N, L, H)
     clean_run, corr_run = (src, base) if direction == "denoise" else (base, src)
@@ -746,7 +771,7 @@ def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequenc
         x0 = engine.embed(base_tok).detach().requires_grad_(True)
         x = engine.forward(x0, 0, ctx=ctx)[:, 0]
         final = x[torch.arange(N, device=x.device), rp]
-        m = _call_metric(metric, engine.unembed(final), engine, base_tok)
+        m = _score(engine, metric, final, base_tok)
         m.sum().backward()
     out = {}
     for key, site, by in specs:
