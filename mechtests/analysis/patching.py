@@ -34,7 +34,7 @@ from itertools import groupby, product
 
 import torch
 
-from mechtests.core.engine import Ctx, Engine
+from mechtests.core.engine import Ctx, Engine, Window
 from mechtests.core.progress import progress
 from mechtests.core.result import Result
 from mechtests.core.sites import Component, Head, LayerOut, component
@@ -236,34 +236,49 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
     done: list[int] = []  # patches whose final residual is in ``finals``
     kv = [(base.cache.get(f"blocks.{lay}.attn.hook_k"), base.cache.get(f"blocks.{lay}.attn.hook_v"))
           for lay in range(engine.n_layers)]
-    groups = [(p0, list(g)) for p0, g in groupby(order, key=lambda i: p0_of[i])]
-    for p0, group in progress(groups, desc="patching", unit="position"):
-        live = base.rp >= p0  # prompts whose read position can see this patch
-        if not live.any():
+    # Batches across first positions, each within the budget; in a batch every window runs
+    # through each layer's norms, projections and MLP as one matmul (Engine.forward_wave).
+    batches: list[list[int]] = [[]]
+    used = 0.0
+    for p0, group in groupby(order, key=lambda i: p0_of[i]):
+        group = list(group)
+        if not (base.rp >= p0).any():  # no prompt's read position can see these patches
             out[group] = base.metric
             continue
-        t = T - p0
-        per_patch = engine.W_E.element_size() * N * (
-            t * (8 * engine.d_model + 4 * engine.n_heads * T + 3 * engine.d_mlp)
-            + 3 * engine.d_vocab)
-        chunk = max(1, int(budget_mb * 2**20 // per_patch))
-        prefix = [(k[:, :p0], v[:, :p0]) if k is not None else None for k, v in kv]
-        for c in range(0, len(group), chunk):
-            part = group[c:c + chunk]
+        per_patch = engine.W_E.element_size() * N * (T - p0) * (
+            8 * engine.d_model + 4 * engine.n_heads * T + 3 * engine.d_mlp)
+        for i in group:
+            if batches[-1] and used + per_patch > budget_mb * 2**20:
+                batches.append([])
+                used = 0.0
+            batches[-1].append(i)
+            used += per_patch
+    for part in progress([b for b in batches if b], desc="patching", unit="batch"):
+        windows, parts = [], []
+        for p0, idx in groupby(part, key=lambda i: p0_of[i]):
             entries = {}
-            for stage, idx in groupby(part, key=lambda i: stage_of(patches.keys[i])):
-                keys = [patches.keys[i] for i in idx]
+            for stage, ids in groupby(idx, key=lambda i: stage_of(patches.keys[i])):
+                ids = list(ids)
+                parts.append((p0, ids))
                 resid = base.cache[_stage_name(engine, stage)][:, None, p0:]
-                entries[stage] = resid + patches.delta(keys, p0)
-            x = engine.forward(None, min(entries), p0=p0, prefix=prefix, entries=entries,
-                               read=base.rp - p0)[:, :, 0]  # [N, P, d]
-            x = torch.where(live[:, None, None], x, base.final[:, None])
-            finals[part] = x.transpose(0, 1)
-            done += part
+                entries[stage] = resid + patches.delta([patches.keys[i] for i in ids], p0)
+            prefix = [(k[:, :p0], v[:, :p0]) if k is not None else None for k, v in kv]
+            windows.append(Window(p0, prefix, base.rp - p0, entries))
+        xs = engine.forward_wave(windows)
+        for (p0, ids), x in zip(_by_window(parts, windows), xs):
+            x = torch.where((base.rp >= p0)[:, None, None], x[:, :, 0], base.final[:, None])
+            finals[ids] = x.transpose(0, 1)
+            done += ids
     if done:  # the unembedding and the metric once for the whole sweep
         out[done] = _score(engine, metric, finals[done], base.tokens,
                            [patches.keys[i] for i in done], budget_mb)
     return out
+
+
+def _by_window(parts: list[tuple[int, list[int]]], windows: list[Window]):
+    """The patches of each window, in the order its batch holds them (by entry stage)."""
+    for w in windows:
+        yield w.p0, [i for p0, ids in parts if p0 == w.p0 for i in ids]
 
 
 def _resid_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Patches:

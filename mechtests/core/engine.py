@@ -268,6 +268,54 @@ class Engine:
             x = _tap(ctx, names["hook_resid_post"], x, *_fold(x))
         return _join(x, entries.get(2 * n), read)
 
+    def forward_wave(self, groups: list[Window]) -> list[torch.Tensor]:
+        """Several windows (each its own ``p0``, prefix, read positions and entries, as in
+        :meth:`forward`) through the layers together, without hooks: the norms, projections
+        and MLP run on every window's rows as one matmul (bigger matmuls run faster per FLOP);
+        only attention runs per window. Returns each window's final residual ``[N, P, 1, d]``
+        at its read positions."""
+        n = self.n_layers
+        xs: list[torch.Tensor | None] = [None] * len(groups)
+        for g in groups:
+            if self.parallel and any(s % 2 for s in g.entries):
+                raise ValueError("this model's blocks are parallel: join at even stages only")
+        first = min(min(g.entries) for g in groups) // 2
+        for layer in range(first, n):
+            last = layer == n - 1
+            xs = [_join(x, g.entries.get(2 * layer), None) for x, g in zip(xs, groups)]
+            live = [i for i, x in enumerate(xs) if x is not None]
+            if live:
+                hs = _rows([xs[i] for i in live], self.normalize)
+                qkv = _rows(hs, lambda r, la=layer: _lin(r, self.W_QKV[la], self.b_QKV[la]))
+                zs = [self._attend(layer, a, groups[i].p0, groups[i].prefix[layer]
+                                   if groups[i].p0 else None, None,
+                                   groups[i].read if last else None)
+                      for i, a in zip(live, qkv)]
+                outs = _rows([z.reshape(*z.shape[:3], -1) for z in zs],
+                             lambda r, la=layer: _lin(r, self.W_O_flat[la], self.b_O[la]))
+                ins = []
+                for j, i in enumerate(live):
+                    rd = groups[i].read if last else None
+                    xs[i] = _gather(xs[i], rd) if rd is not None else xs[i]
+                    if self.parallel:
+                        ins.append(xs[i] if not self.shared_ln else
+                                   _gather(hs[j], rd) if rd is not None else hs[j])
+                    xs[i] = xs[i] + outs[j]
+                if self.parallel:  # the MLP reads resid_pre (or GPT-J's shared norm)
+                    mlp = _rows(ins, lambda r, la=layer: self._mlp(la, r, None,
+                                                                  normed=self.shared_ln))
+                    for j, i in enumerate(live):
+                        xs[i] = xs[i] + mlp[j]
+                    continue
+            xs = [_join(x, g.entries.get(2 * layer + 1), g.read if last else None)
+                  for x, g in zip(xs, groups)]
+            live = [i for i, x in enumerate(xs) if x is not None]
+            if live:
+                mlp = _rows([xs[i] for i in live], lambda r, la=layer: self._mlp(la, r, None))
+                for j, i in enumerate(live):
+                    xs[i] = xs[i] + mlp[j]
+        return [_join(x, g.entries.get(2 * n), g.read) for x, g in zip(xs, groups)]
+
     # -- the transformer ---------------------------------------------------------------------
     def normalize(self, x, ctx=None, name=None, to_tl=None, from_tl=None):
         """The norm without its weight (folded into the next matrix): LayerNorm or RMSNorm."""
@@ -321,11 +369,19 @@ class Engine:
         Returns the attention output and the normalized input (a parallel block's MLP reads
         the same norm in GPT-J)."""
         N, P, t, _ = x.shape
-        H, Hk, dh = self.n_heads, self.n_kv_heads, self.d_head
         names = self._names[layer]
         fold, unfold = _fold(x)
         h = self.normalize(x, ctx, names["ln1"], fold, unfold)
         qkv = _lin(h, self.W_QKV[layer], self.b_QKV[layer])
+        z = self._attend(layer, qkv, p0, kv, ctx, read)
+        out = _lin(z.reshape(*z.shape[:3], -1), self.W_O_flat[layer], self.b_O[layer])
+        return _tap(ctx, self._names[layer]["hook_attn_out"], out, *_fold(out)), h
+
+    def _attend(self, layer, qkv, p0, kv, ctx, read):
+        """From the fused projection ``qkv`` ``[N,P,t,(H+2Hk)*dh]`` to z ``[N,P,tq,H,dh]``."""
+        N, P, t, _ = qkv.shape
+        H, Hk, dh = self.n_heads, self.n_kv_heads, self.d_head
+        names = self._names[layer]
         q = qkv[..., :H * dh].view(N, P, t, H, dh)
         k, v = qkv[..., H * dh:].view(N, P, t, 2, Hk, dh).unbind(3)
         if self.q_norm is not None:
@@ -336,7 +392,7 @@ class Engine:
         k = _tap(ctx, names["attn.hook_k"], k, *f5)
         v = _tap(ctx, names["attn.hook_v"], v, *f5)
         if self.rotary is not None:
-            window = torch.arange(p0, p0 + t, device=x.device)
+            window = torch.arange(p0, p0 + t, device=qkv.device)
             q, k = self.rotate(q, window), self.rotate(k, window)
         if read is not None:
             q = _gather(q, read)
@@ -345,10 +401,7 @@ class Engine:
             z = self._sdpa(q, k, v, p0, kv, read)
         else:
             z = self._attend_explicit(layer, q, k, v, p0, kv, read, ctx)
-        z = _tap(ctx, names["attn.hook_z"], z, *_fold(z))
-        tq = z.shape[2]
-        out = _lin(z.reshape(N, P, tq, H * dh), self.W_O_flat[layer], self.b_O[layer])
-        return _tap(ctx, names["hook_attn_out"], out, *_fold(out)), h
+        return _tap(ctx, names["attn.hook_z"], z, *_fold(z))
 
     def _sdpa(self, q, k, v, p0, kv, read):
         """Fused attention (``scaled_dot_product_attention``) of the window's queries ``q``
@@ -512,6 +565,32 @@ class Engine:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Window:
+    """One window of patched variants for :meth:`Engine.forward_wave`: positions ``p0..T-1``,
+    ``prefix[l]`` layer l's cached keys and values before ``p0``, ``read`` ``[N]`` window
+    positions the last layer reads, ``entries[s]`` ``[N, P_s, T - p0, d]`` joining at stage s."""
+
+    p0: int
+    prefix: list
+    read: torch.Tensor
+    entries: dict[int, torch.Tensor]
+
+
+def _rows(xs: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]
+          ) -> list[torch.Tensor]:
+    """``fn`` (row-wise over the last axis) on every tensor's rows as one call, split back."""
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) if len(xs) > 1 \
+        else xs[0].reshape(-1, xs[0].shape[-1])
+    y = fn(flat)
+    out, o = [], 0
+    for x in xs:
+        m = x.numel() // x.shape[-1]
+        out.append(y[o:o + m].view(*x.shape[:-1], y.shape[-1]))
+        o += m
+    return out
 
 
 def _lin(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
