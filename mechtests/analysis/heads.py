@@ -206,6 +206,63 @@ def attention_pattern(model: Any, tokens: Tokens, layer: int, head: int, prompt:
                   pat, meta={"layer": layer, "head": head, "weighting": weighting})
 
 
+def _embedded(model: Any, ids: list[int], positions: range | None) -> torch.Tensor:
+    """The layer-0 input of each token id, position embedding averaged over ``positions``, then
+    LayerNorm-normalised (compatibility mode folds its weights into the next matrices)."""
+    if not ids:
+        raise ValueError("no token ids given")
+    bad = [i for i in ids if not 0 <= i < model.cfg.d_vocab]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary "
+                         f"(0..{model.cfg.d_vocab - 1})")
+    x = model.W_E[ids]
+    if positions is not None:
+        x = x + model.W_pos[list(positions)].mean(0)
+    x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+
+
+def _id_labels(model: Any, ids: list[int]) -> list[str]:
+    try:
+        return [str(w) for w in model.tokenizer.convert_ids_to_tokens(ids)]
+    except Exception:  # noqa: BLE001 - index labels without a tokenizer
+        return [str(i) for i in ids]
+
+
+@torch.no_grad()
+def qk_circuit(model: Any, layer: int, head: int, queries: list[int], keys: list[int],
+               positions: range | None = None) -> Result:
+    """A head's QK circuit read on token embeddings (Elhage et al. 2021): the attention score
+    (before softmax) a query token gives a key token, ``(x_q W_Q + b_Q)(x_k W_K + b_K)^T /
+    sqrt(d_head)``, with ``x`` the LayerNorm-normalised embedding (plus the position embedding
+    averaged over ``positions``). Exact for a 1-layer model's direct path; axes (query, key)."""
+    layer, head = _check_layer(model, layer), _check_head(model, head)
+    q = _embedded(model, queries, positions) @ model.W_Q[layer, head] + model.b_Q[layer, head]
+    k = _embedded(model, keys, positions) @ model.W_K[layer, head] + model.b_K[layer, head]
+    scores = q @ k.T / model.cfg.d_head ** 0.5
+    return Result(f"QK circuit {layer}.{head}", ("query", "key"),
+                  {"query": _id_labels(model, queries), "key": _id_labels(model, keys)},
+                  scores, meta={"layer": layer, "head": head})
+
+
+@torch.no_grad()
+def ov_circuit(model: Any, layer: int, head: int, sources: list[int],
+               outputs: list[int] | None = None, positions: range | None = None) -> Result:
+    """A head's OV circuit read on token embeddings (Elhage et al. 2021): the logits a source
+    token adds when the head attends fully to it, ``x_s W_V W_O W_U`` (compatibility mode has
+    folded the final LayerNorm's weights into W_U; its scale is left out, so compare within a
+    row). The value bias is left out: attention sums to one, so it writes the same vector
+    whatever the head attends to (compatibility mode folds it into b_O). Axes (source,
+    output); ``outputs`` default to the whole vocabulary."""
+    layer, head = _check_layer(model, layer), _check_head(model, head)
+    outs = list(range(model.cfg.d_vocab)) if outputs is None else outputs
+    x = _embedded(model, sources, positions)
+    logits = x @ model.W_V[layer, head] @ model.W_O[layer, head] @ model.W_U[:, outs]
+    return Result(f"OV circuit {layer}.{head}", ("source", "output"),
+                  {"source": _id_labels(model, sources), "output": _id_labels(model, outs)},
+                  logits, meta={"layer": layer, "head": head})
+
+
 __all__ = [
     "KINDS",
     "WEIGHTINGS",
@@ -214,5 +271,7 @@ __all__ = [
     "detection_pattern",
     "head_scores",
     "induction_scores",
+    "ov_circuit",
+    "qk_circuit",
     "repeated_random_tokens",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures" / "organisms"
-NAMES = ("bigram", "induction", "multitask")
+NAMES = ("bigram", "induction", "multitask", "skip-trigram")
 
 
 def fixture_dir(name: str) -> Path:
