@@ -54,3 +54,29 @@ example-report: $(BIN)/.installed browser  ## the organism, a fine-tune, another
 	$(SHOT) reports/example/screenshots/lines.png --at ioi.logit_lens --height 820
 	$(BIN)/python -c "import sys; sys.path[:0] = ['tests', '.']; import test_report as t; \
 	  t.screenshot_every_outcome('reports/example/screenshots/outcomes.png')"
+
+# issue 12: the induction organism's training run (fixtures/checkpoints/induction-steps, saved with
+# `python -m mechtests.organisms.train induction --out DIR --save-every 150`), claims against step
+TRAINING := fixtures/checkpoints/induction-steps
+training-report: $(BIN)/.installed browser  ## claims against training step: when induction heads form
+	rm -rf build/training-report
+	OMP_NUM_THREADS=1 $(BIN)/pytest claims/ --model $(TRAINING) --report-dir build/training-report || true
+	rm -rf reports/training && cp -r build/training-report/run-* reports/training
+	$(BIN)/python -m mechtests.suite.browser shot reports/training/report.html \
+	  reports/training/screenshots/matrix.png --height 700
+	$(BIN)/python -m mechtests.suite.browser shot reports/training/report.html \
+	  reports/training/screenshots/steps.png --at induction.exists --height 900
+
+# Ray (optional extra `cluster`): each checkpoint's claims as one Ray task, one merged report
+$(BIN)/.cluster: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[dev,cluster]"
+	touch $@
+
+cluster-report: $(BIN)/.cluster  ## the training run's checkpoints as Ray tasks on a local cluster
+	OMP_NUM_THREADS=1 $(BIN)/python -m mechtests.suite.cluster --model $(TRAINING) \
+	  --out build/cluster-report -- claims/test_induction.py
+
+test-cluster: $(BIN)/.cluster  ## the Ray test (marked heavy), with Ray installed
+	$(BIN)/pytest tests/test_sequence.py -m heavy
+.PHONY: training-report cluster-report test-cluster
+test: $(BIN)/.cluster  # CI (`make test`) installs Ray, so the Ray test runs there

@@ -14,10 +14,10 @@ from collections.abc import Callable
 import pytest
 
 from mechtests import families as gpt2
-from mechtests.core.prompts import PromptFamily
+from mechtests.core.prompts import PromptError, PromptFamily
 from mechtests.organisms import language as lang
 from mechtests.organisms.analysis import EVAL_SEED
-from mechtests.suite.claims import effect_size, reference
+from mechtests.suite.claims import effect_size, reference, reference_shape, shape_of
 
 N = 8  # prompts per template in a generated organism family
 
@@ -91,3 +91,26 @@ def measured_on(task: str, subject, refs: dict, kind: str, record=None, guard: b
         corrupted = float(metric(engine.run(fam.corrupted, logits_at=-1)[0]).mean())
         effect_size(clean, corrupted, f"{task} family {kind!r}, mean logit diff", record)
     return ref, fam
+
+
+def expressed_on(task: str, subject, refs: dict, kind: str):
+    """``(expectations, tokenized family)`` for a behaviour claim, which names no component and
+    so runs on any checkpoint whose tokenizer can express one of its prompt families: the
+    family of the subject's own reference (or one of its shape) first, then every other
+    reference's ``kind`` family in turn. Skips, saying why each could not be expressed, when
+    none can."""
+    shape = shape_of(subject.model)
+    order = sorted(refs, key=lambda n: (n != subject.name, reference_shape(n) != shape))
+    why = []
+    for name in order:
+        build = FAMILIES[task].get(name, {}).get(kind)
+        if build is None:
+            continue
+        try:
+            return refs[name], build().tokenize(subject.model)
+        except ValueError as exc:  # PromptError, matched by name too: a test harness that
+            if not isinstance(exc, PromptError) and type(exc).__name__ != "PromptError":
+                raise  # re-imports modules in process can hold two copies of the class
+            why.append(f"{name}'s: {str(exc).strip().splitlines()[0]}")
+    pytest.skip(f"this checkpoint's tokenizer cannot express the {task!r} prompt family "
+                f"{kind!r} of any reference (" + "; ".join(why) + ")")

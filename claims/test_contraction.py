@@ -16,6 +16,16 @@ direct logit attribution (0.96, 0.3 not in the top 3) and 0.0, a layer-0 head th
 by position, by patching (0.35, 0.3 next at 0.28). FINDINGS.md's template-0 analysis names 3.2
 and 0.0 for that reason. So "0.3 is the contraction mover" is a claim about this mixed family,
 not about every contraction prompt (tests/test_claims_break.py checks template 0 alone).
+
+The mover is named by role as well as by index (``mechtests.suite.roles``): the head with the
+largest positive direct logit attribution; on the reference it must be the head named here.
+
+Norm-based attention (Kobayashi et al. 2020, ``attention_between(..., weighting="norm")``)
+leaves the organism's story as it is: 0.3's share from the pronoun to the contraction is .45 of
+its attention and .48 of what it moves. Where it would change the story is a head whose output
+is broken: with 0.3's output weights zeroed its raw pattern is unchanged (they do not enter it)
+while the norm view gives it 0. The attention claim is about where the head looks, so it reads
+the raw pattern; the attribution and patching claims are the ones that see the output.
 """
 
 from __future__ import annotations
@@ -27,8 +37,11 @@ from mechtests.analysis.attribution import head_attribution
 from mechtests.analysis.heads import attention_between
 from mechtests.analysis.patching import sweep
 from mechtests.core import metrics as M
+from mechtests.core import sites
 from mechtests.core.engine import engine_for
-from mechtests.suite.claims import holds, holds_set
+from mechtests.core.result import Result
+from mechtests.suite.claims import holds, holds_set, reference
+from mechtests.suite.roles import Cast, Role, by_head, cast, verdict
 
 REFS = {"gpt2": "7.11", "multitask": "0.3"}  # the contraction mover
 SOURCE = "contraction-copying research notebook (GPT-2 small, unreplicated)"
@@ -36,23 +49,40 @@ SUBJECTS = list(REFS)
 KINDS = kinds("contraction")
 
 
+MOVER = Role("contraction mover", "the head with the largest positive direct logit "
+             "attribution to the contracted form")
+
+
+def mover(subject, head: str, fam, record) -> tuple[Cast, Result]:
+    """Who plays the contraction mover's role on ``subject`` (``roles.cast``), and the DLA."""
+    name, _ = reference(subject, REFS)
+    dla = head_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
+    return cast(subject, name, MOVER, [head], by_head(dla), record, floor=0.0), dla
+
+
 @pytest.mark.claim(id="contraction.top_head", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin):
+    """The mover (by role: top by direct logit attribution) is also top by output patching;
+    on the reference it is the named head."""
     head, fam = measured_on("contraction", subject, REFS, kind, record)
-    record.components([head])
-    dla = head_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
+    moving, dla = mover(subject, head, fam, record)
+    record.components(list(moving.components))
     patched = sweep(engine_for(subject.model), "z", fam.clean, fam.corrupted, fam.logit_diff(),
                     by=("layer", "head"))
     patched = patched.normalized(patched.meta["clean"], patched.meta["corrupted"])
     for r, title in ((dla, "direct logit attribution"), (patched, "head output patching")):
         record.heatmap(r, title=f"{title} ({kind})")
-    holds_set([dla.top_k(1)[0][0]], [head], "top head by direct logit attribution",
-              "the mover writes the contracted form (on this family: templates 0 and 2)", record,
-              top=dla.top_k(3))
-    holds_set([patched.top_k(1)[0][0]], [head], "top head by output patching",
-              "restoring that one head's output restores the style more than any other head's "
-              "(on this family: templates 0 and 2)", record, top=patched.top_k(3))
+
+    def check(found):
+        holds_set([dla.top_k(1)[0][0]], found, "top head by direct logit attribution",
+                  "the mover writes the contracted form (on this family: templates 0 and 2)",
+                  record, top=dla.top_k(3))
+        holds_set([patched.top_k(1)[0][0]], found, "top head by output patching",
+                  "restoring that one head's output restores the style more than any other "
+                  "head's (on this family: templates 0 and 2)", record, top=patched.top_k(3))
+
+    verdict(moving, check, record)
     pin(dla, "head_dla")
     pin(patched, "head_patching")
 
@@ -61,16 +91,21 @@ def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin)
 @pytest.mark.parametrize("kind", KINDS)
 def test_mover_attends_from_pronoun_to_contraction(subject, kind, record):
     head, fam = measured_on("contraction", subject, REFS, kind, record)
-    record.components([head], breaks=("qk",))  # a claim about where the head looks
-    layer, h = (int(x) for x in head.split("."))
+    moving, _ = mover(subject, head, fam, record)
+    record.components(list(moving.components), breaks=("qk",))  # where the head looks
     end = fam.positions["END"]
     att = attention_between(subject.model, fam.clean, end, fam.positions["V1"])
-    # attention relative to a uniform head's share at the last position, 1 / (END + 1)
-    est = M.estimate(att.per_prompt[:, layer, h] * (end + 1))
-    holds(est.ci_low, ">=", 2.0,
-          f"attention of {head} from the pronoun to the contraction, over a uniform share",
-          "the mover reads the contraction: at least twice what a uniform head would",
-          record, estimate=str(est))
+
+    def check(found):
+        (h,) = sites.heads(found)
+        # attention relative to a uniform head's share at the last position, 1 / (END + 1)
+        est = M.estimate(att.per_prompt[:, h.layer, h.head] * (end + 1))
+        holds(est.ci_low, ">=", 2.0,
+              f"attention of {h} from the pronoun to the contraction, over a uniform share",
+              "the mover reads the contraction: at least twice what a uniform head would",
+              record, estimate=str(est))
+
+    verdict(moving, check, record)
 
 
 @pytest.mark.claim(id="contraction.values_not_pattern", source=SOURCE, subjects=SUBJECTS)
@@ -82,22 +117,28 @@ def test_value_patching_restores_more_than_pattern(subject, kind, record):
     pattern restoration > 0. Against the other heads it singles the mover out (organism: 0.3
     0.41, next 0.2 at 0.23)."""
     head, fam = measured_on("contraction", subject, REFS, kind, record)
-    record.components([head])
+    moving, _ = mover(subject, head, fam, record)
+    record.components(list(moving.components))
     engine = engine_for(subject.model)
     out = {}
     for site in ("v", "pattern"):
         r = sweep(engine, site, fam.clean, fam.corrupted, fam.logit_diff(), by=("layer", "head"))
         out[site] = r.normalized(r.meta["clean"], r.meta["corrupted"])
     diff = out["v"].values - out["pattern"].values  # [layer, head]
-    layer, h = (int(x) for x in head.split("."))
-    mine = float(diff[layer, h])
-    others = diff.clone()
-    others[layer, h] = float("-inf")
-    best = int(others.flatten().argmax())
-    rival = f"{best // diff.shape[1]}.{best % diff.shape[1]}"
-    holds(mine - float(others.flatten()[best]), ">", 0.0,
-          f"value minus pattern restoration of {head}, minus the best other head's ({rival})",
-          "what the mover moves (its value) differs between clean and corrupted, where it looks "
-          "does not; no other head's value carries the style as much", record,
-          value=float(out["v"].values[layer, h]), pattern=float(out["pattern"].values[layer, h]),
-          rival=float(others.flatten()[best]))
+
+    def check(found):
+        (h,) = sites.heads(found)
+        mine = float(diff[h.layer, h.head])
+        others = diff.clone()
+        others[h.layer, h.head] = float("-inf")
+        best = int(others.flatten().argmax())
+        rival = str(sites.Head(best // diff.shape[1], best % diff.shape[1]))
+        holds(mine - float(others.flatten()[best]), ">", 0.0,
+              f"value minus pattern restoration of {h}, minus the best other head's ({rival})",
+              "what the mover moves (its value) differs between clean and corrupted, where it "
+              "looks does not; no other head's value carries the style as much", record,
+              value=float(out["v"].values[h.layer, h.head]),
+              pattern=float(out["pattern"].values[h.layer, h.head]),
+              rival=float(others.flatten()[best]))
+
+    verdict(moving, check, record)

@@ -12,6 +12,11 @@ GPT-2 numbers (TransformerLens Exploratory Analysis Demo, 8 prompts): mean logit
 negative 10.7 -1.899, 11.10 -0.970; zero-ablating 9.9 alone at the last position takes the
 mean logit diff from 3.55 to 2.92 (backup heads compensate). The organism's heads and numbers
 are those of its own analysis (fixtures/organisms/multitask/FINDINGS.md).
+
+The name movers are named by role as well as by index (``mechtests.suite.roles``): the heads
+beyond layer 0 with the largest positive direct logit attribution, each at least half a logit.
+On the reference they must be the heads named here; on another checkpoint of its shape the
+claims are checked on whoever plays the role (held, moved, or failed: no component plays it).
 """
 
 from __future__ import annotations
@@ -20,19 +25,21 @@ from dataclasses import dataclass
 
 import pytest
 
-from claims.families import kinds, measured_on
+from claims.families import expressed_on, kinds, measured_on
 from mechtests.analysis.attribution import head_attribution
 from mechtests.analysis.heads import attention_between
 from mechtests.analysis.patching import ablate
 from mechtests.core import metrics as M
+from mechtests.core import sites
 from mechtests.core.engine import engine_for
-from mechtests.suite.claims import holds, holds_set
+from mechtests.core.result import Result
+from mechtests.suite.claims import holds, reference
+from mechtests.suite.roles import Cast, Role, by_head, cast, verdict
 
 
 @dataclass(frozen=True)
 class IOI:
     name_movers: tuple[str, ...]
-    top_k: int  # the name movers are among the top_k heads by direct logit attribution
     negative_name_movers: tuple[str, ...]  # empty where the analysis found none
     min_logit_diff: float  # bound on the CI's lower end
     min_knockout_drop: float  # fraction of the logit diff lost when the name movers go
@@ -42,18 +49,20 @@ class IOI:
 REFS = {
     # every published prompt clears 1.7; knocking out 9.9 alone costs 18% (3.55 -> 2.92), so
     # the three name movers together must cost at least that
-    "gpt2": IOI(("9.9", "9.6", "10.0"), 3, ("10.7", "11.10"), 1.0, 0.18,
+    "gpt2": IOI(("9.9", "9.6", "10.0"), ("10.7", "11.10"), 1.0, 0.18,
                 "knocking out 9.9 alone costs 18% (3.55 -> 2.92), so all three at least that"),
-    # the organism: 3.3 (DLA 3.1-3.7) and 1.1 (1.6-1.8) in the top 3 for both orders (the third
-    # is a layer-0 head reading a name by position, its sign flipping with the order);
-    # mean-ablating both costs 55% of the logit diff in both orders
-    "multitask": IOI(("3.3", "1.1"), 3, (), 1.0, 0.4,
+    # the organism: 3.3 (DLA 3.1-3.7) and 1.1 (1.6-1.8) are the top 2 beyond layer 0 in both
+    # orders (above them only a layer-0 head reading a name by position, its sign flipping with
+    # the order); mean-ablating both costs 55% of the logit diff in both orders
+    "multitask": IOI(("3.3", "1.1"), (), 1.0, 0.4,
                      "the organism's analysis: the pair costs 55-56%; 0.4 leaves room for "
                      "another seed"),
 }
 # Attention to the IO is GPT-2's name-mover story only: the organism's IOI heads attend to S2
 # (1.1, 1.2: 0.98) and to the object word (3.3: 0.96), so it suppresses S rather than copying
-# the IO (fixtures/organisms/multitask/FINDINGS.md); the claim does not apply to it.
+# the IO (fixtures/organisms/multitask/FINDINGS.md); the claim does not apply to it. The
+# norm-based view (Kobayashi et al. 2020, weighting="norm") agrees: 1.1 and 1.2 move .99 and .98
+# of what they write from S2, nothing from the IO.
 ATTENDS = {"gpt2": REFS["gpt2"]}
 MIN_MOVER_DLA = 0.5
 SOURCE = "Wang et al. 2022 (IOI); TransformerLens Exploratory Analysis Demo"
@@ -70,35 +79,59 @@ def _logit_diff(subject, tokens, fam) -> M.Estimate:
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_model_prefers_the_indirect_object(subject, kind, record):
     """Behaviour, not mechanism: the model does the task (what it measures is the effect the
-    other IOI claims' guard requires, so it has no guard of its own)."""
-    ref, fam = measured_on("ioi", subject, REFS, kind, guard=False)
+    other IOI claims' guard requires, so it has no guard of its own). It names no component,
+    so it runs on every checkpoint whose tokenizer can express an IOI family, of any shape."""
+    ref, fam = expressed_on("ioi", subject, REFS, kind)
     est = _logit_diff(subject, fam.clean, fam)
     holds(est.ci_low, ">=", ref.min_logit_diff, "logit(IO) - logit(S), 95% CI lower bound",
           "IO at least e times as likely as S; every published GPT-2 prompt clears 1.7",
           record, estimate=str(est))
 
 
+NAME_MOVERS = Role("name movers", "the heads beyond layer 0 with the largest positive direct "
+                   f"logit attribution, each at least {MIN_MOVER_DLA}")
+NEGATIVE = Role("negative name movers", "the heads with the most negative direct logit "
+                "attribution, each below 0")
+
+
+def name_movers(subject, ref: IOI, fam, record) -> tuple[Cast, Result]:
+    """Who plays the name movers' role on ``subject`` (``roles.cast``), and the head DLA.
+
+    Layer 0 is not eligible: a layer-0 head can read a name only by its position, not find
+    the indirect object (the organism's 0.0 and 0.3 write +3.7 to +3.9 for one order of the
+    names and -3.9 to -4.0 for the other)."""
+    name, _ = reference(subject, REFS)
+    dla = head_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
+    movers = cast(subject, name, NAME_MOVERS, ref.name_movers, by_head(dla), record,
+                  floor=MIN_MOVER_DLA, eligible=lambda h: h.layer > 0)
+    return movers, dla
+
+
 @pytest.mark.claim(id="ioi.name_movers", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_name_movers_have_the_largest_direct_effect(subject, kind, record, pin):
     ref, fam = measured_on("ioi", subject, REFS, kind, record)
-    record.components([*ref.name_movers, *ref.negative_name_movers])
-    dla = head_attribution(subject.model, fam.clean, fam.answer_ids, fam.counterfactual_ids)
-    record.heatmap(dla, title=f"direct logit attribution by head ({kind})")
-    top = [h for h, _ in dla.top_k(ref.top_k)]
-    holds_set(top, ref.name_movers, "heads with the largest positive direct logit attribution",
-              "the name movers write the IO's unembedding", record,
-              values=dla.top_k(ref.top_k + 2))
-    for head in ref.name_movers:
-        layer, h = (int(x) for x in head.split("."))
-        holds(dla.at(layer=layer, head=h), ">=", MIN_MOVER_DLA,
-              f"direct logit attribution of {head}",
-              "a name mover alone moves the answer by at least half a logit (GPT-2's weakest, "
-              "10.0, gives 0.561)", record)
+    movers, dla = name_movers(subject, ref, fam, record)
+    casts = [movers]
     if ref.negative_name_movers:
-        bottom = [h for h, _ in dla.top_k(len(ref.negative_name_movers), largest=False)]
-        holds_set(bottom, ref.negative_name_movers, "heads with the most negative attribution",
-                  "negative name movers write against the IO", record)
+        name, _ = reference(subject, REFS)
+        casts.append(cast(subject, name, NEGATIVE, ref.negative_name_movers, by_head(dla),
+                          record, floor=0.0, largest=False))
+    record.components([h for c in casts for h in c.components])
+    record.heatmap(dla, title=f"direct logit attribution by head ({kind})")
+
+    def check(found, negative=()):
+        for head in sites.heads(found):
+            holds(dla.at(layer=head.layer, head=head.head), ">=", MIN_MOVER_DLA,
+                  f"direct logit attribution of {head}",
+                  "a name mover alone moves the answer by at least half a logit (GPT-2's "
+                  "weakest, 10.0, gives 0.561)", record)
+        for head in sites.heads(negative):
+            holds(dla.at(layer=head.layer, head=head.head), "<", 0.0,
+                  f"direct logit attribution of {head}",
+                  "a negative name mover writes against the IO", record)
+
+    verdict(casts, check, record)
     pin(dla, "head_dla")
 
 
@@ -106,17 +139,23 @@ def test_name_movers_have_the_largest_direct_effect(subject, kind, record, pin):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_name_movers_attend_to_the_indirect_object(subject, kind, record, pin):
     ref, fam = measured_on("ioi", subject, ATTENDS, kind, record)
-    record.components(list(ref.name_movers), breaks=("qk",))  # where the movers look
+    movers, _ = name_movers(subject, ref, fam, record)
+    record.components(list(movers.components), breaks=("qk",))  # where the movers look
     end = fam.positions["END"]
     to_io = attention_between(subject.model, fam.clean, end, fam.positions["IO"])
     to_s = attention_between(subject.model, fam.clean, end, fam.positions["S2"])
     record.heatmap(to_io, title=f"attention END -> IO ({kind})")
-    for head in ref.name_movers:
-        layer, h = (int(x) for x in head.split("."))
-        diff = to_io.per_prompt[:, layer, h] - to_s.per_prompt[:, layer, h]
-        est = M.estimate(diff)
-        holds(est.ci_low, ">", 0.0, f"attention of {head} from END to IO minus to S2 (CI low)",
-              "a name mover attends to the name it copies", record, estimate=str(est))
+
+    def check(found):
+        for head in sites.heads(found):
+            diff = to_io.per_prompt[:, head.layer, head.head] \
+                - to_s.per_prompt[:, head.layer, head.head]
+            est = M.estimate(diff)
+            holds(est.ci_low, ">", 0.0,
+                  f"attention of {head} from END to IO minus to S2 (CI low)",
+                  "a name mover attends to the name it copies", record, estimate=str(est))
+
+    verdict(movers, check, record)
     pin(to_io, "attention_end_to_io")
 
 
@@ -134,25 +173,33 @@ def test_knocking_out_name_movers_lowers_logit_diff(subject, kind, record):
     later head depends on it (knocking it out costs 70-97%), which makes it upstream machinery,
     not a name mover."""
     ref, fam = measured_on("ioi", subject, REFS, kind, record)
-    record.components(list(ref.name_movers))
+    movers, _ = name_movers(subject, ref, fam, record)
+    record.components(list(movers.components))
     engine = engine_for(subject.model)
     before = _logit_diff(subject, fam.clean, fam).mean
-    knocked = ablate(engine, fam.clean, list(ref.name_movers), fam.logit_diff(), how="mean",
-                     reference=fam.corrupted, together=True)
-    after = float(knocked.values.reshape(-1)[0])
-    holds((before - after) / before, ">=", ref.min_knockout_drop,
-          f"fraction of the logit diff lost with {list(ref.name_movers)} mean-ablated",
-          ref.knockout_why, record, before=before, after=after)
-    first = min(int(h.split(".")[0]) for h in ref.name_movers)
     cfg = subject.model.cfg
-    heads = [f"{layer}.{h}" for layer in range(first, cfg.n_layers) for h in range(cfg.n_heads)]
-    single = ablate(engine, fam.clean, heads, fam.logit_diff(), how="mean",
+    # every head of the earliest layer a mover sits in here or in the reference, and after
+    low = min(h.layer for h in sites.heads((*movers.found, *movers.expected)))
+    every = [f"{layer}.{h}" for layer in range(low, cfg.n_layers) for h in range(cfg.n_heads)]
+    single = ablate(engine, fam.clean, every, fam.logit_diff(), how="mean",
                     reference=fam.corrupted)
-    drop = {h: (before - float(v)) / before for h, v in zip(heads, single.values)}
-    rival = max((h for h in heads if h not in ref.name_movers), key=drop.__getitem__)
-    for head in ref.name_movers:
-        holds(drop[head] - drop[rival], ">", 0.0,
-              f"fraction lost knocking out {head} alone, minus the most costly unnamed head of "
-              f"layers {first}+ ({rival})",
-              "each name mover matters more than any head the claim does not name", record,
-              own=drop[head], rival=drop[rival])
+    drops = {h: (before - float(v)) / before for h, v in zip(every, single.values)}
+
+    def check(names):
+        knocked = ablate(engine, fam.clean, list(names), fam.logit_diff(), how="mean",
+                         reference=fam.corrupted, together=True)
+        after = float(knocked.values.reshape(-1)[0])
+        holds((before - after) / before, ">=", ref.min_knockout_drop,
+              f"fraction of the logit diff lost with {list(names)} mean-ablated",
+              ref.knockout_why, record, before=before, after=after)
+        first = min(h.layer for h in sites.heads(names))
+        drop = {h: d for h, d in drops.items() if sites.Head.parse(h).layer >= first}
+        rival = max((h for h in drop if h not in names), key=drop.__getitem__)
+        for head in names:
+            holds(drop[head] - drop[rival], ">", 0.0,
+                  f"fraction lost knocking out {head} alone, minus the most costly unnamed "
+                  f"head of layers {first}+ ({rival})",
+                  "each name mover matters more than any head the claim does not name", record,
+                  own=drop[head], rival=drop[rival])
+
+    verdict(movers, check, record)

@@ -1,6 +1,7 @@
 """The natural-text induction organism's recipe (``mechtests.organisms.prose``): its pieces, and
-a few steps of training plus the findings run end to end. No checkpoint is shipped yet: in the
-recipe's first runs no induction head had formed (README, "Model organisms")."""
+a few steps of training plus the findings run end to end; the shipped checkpoint
+(``fixtures/organisms/prose``) and the GPT-2 induction claims on it, which must fail on a
+randomly initialised copy and with its circuit's heads zeroed."""
 
 from __future__ import annotations
 
@@ -69,3 +70,86 @@ def test_a_few_steps_train_save_load_and_analyse(tmp_path):
     f = __import__("json").loads((out / "findings.json").read_text())
     assert set(f["ablate_each_head"]) == {f"{la}.{h}" for la in range(2) for h in range(4)}
     assert render(f, {}).startswith("# Findings: prose")
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "fixtures" / "organisms" / "prose"
+pytest_plugins = ["pytester"]
+
+
+def test_shipped_checkpoint_is_the_recipe_and_small():
+    import json
+    from dataclasses import asdict
+
+    info = json.loads((SHIPPED / "training.json").read_text())
+    assert info["recipe"] == json.loads(json.dumps(asdict(P.ProseRecipe())))
+    assert (SHIPPED / "model.safetensors").stat().st_size < 2_000_000
+    last = info["history"][-1]
+    # the repeated span is far cheaper than the same tokens' first occurrence once it formed
+    assert last["repeated_span"] < 0.5 * last["first_occurrence"]
+
+
+def _claims(pytester, model, *args):
+    res = pytester.runpytest(str(ROOT / "claims" / "test_induction.py"), "--model", str(model),
+                             "--no-report", "-p", "no:cacheprovider", "-q",
+                             "-k", "not some_head", *args)
+    return res, {k: v for k, v in res.parseoutcomes().items()
+                 if k in ("passed", "failed", "error", "errors", "inconclusive")}
+
+
+def _copy(tmp_path, zero_heads=(), random_init=False):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "prose"
+    shutil.copytree(SHIPPED, out)
+    if random_init:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(1234)
+        GPT2LMHeadModel(GPT2Config.from_pretrained(SHIPPED)).save_pretrained(out)
+        return out
+    state = load_file(str(SHIPPED / "model.safetensors"))
+    for head in zero_heads:
+        layer, h = (int(x) for x in head.split("."))
+        state[f"transformer.h.{layer}.attn.c_proj.weight"][h * 16:(h + 1) * 16] = 0
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_induction_claims_hold_on_the_shipped_organism(pytester):
+    res, got = _claims(pytester, SHIPPED)
+    assert got == {"passed": 3}, res.stdout.str()[-3000:]
+
+
+def test_induction_claims_fail_on_a_randomly_initialised_copy(pytester, tmp_path):
+    res, got = _claims(pytester, _copy(tmp_path, random_init=True))
+    assert got.get("failed", 0) >= 2 and not got.get("passed") and not got.get("error"), got
+
+
+@pytest.mark.parametrize("heads,fails", [
+    # the previous-token head's output gone: the induction heads lose what they key on
+    (("0.0",), "attend_to_the_token_after"),
+    # the induction heads' outputs gone: the repeated half is no cheaper than the first
+    (("1.3", "1.1"), "knocking_out"),
+])
+def test_induction_claims_fail_with_the_circuit_heads_zeroed(pytester, tmp_path, heads, fails):
+    res, got = _claims(pytester, _copy(tmp_path, zero_heads=heads))
+    out = res.stdout.str()
+    assert got.get("failed", 0) + got.get("inconclusive", 0) >= 1, out[-3000:]
+    assert f"{fails}" in out and "PASSED" not in " ".join(
+        line for line in out.splitlines() if fails in line and "PASSED" in line), out[-3000:]
+    assert not got.get("error"), got
+
+
+def test_mutation_run_calls_the_induction_claims_on_prose_discriminating(pytester):
+    import json
+
+    pytester.runpytest(str(ROOT / "claims" / "test_induction.py"), "--model", "prose",
+                       "-k", "not some_head", "--mutate", "--report-dir", "out",
+                       "-p", "no:cacheprovider", "-q")
+    data = json.loads(next(pytester.path.glob("out/run-*/report.json")).read_text())
+    verdicts = {c: m["verdict"] for c, m in data["mutation"].items()}
+    assert verdicts == {c: "discriminating" for c in (
+        "induction.heads", "induction.previous_token", "induction.ablation")}, verdicts

@@ -2,9 +2,13 @@
 
 ``bigram`` (0 layers: its W_E W_U is the bigram table), ``induction`` (2 layers: previous-token
 and induction heads) and ``multitask`` (4 layers: IOI, name recall, contractions, gendered
-pronouns, induction). Checkpoints ship in ``fixtures/organisms/<name>/`` with ``FINDINGS.md``
-and ``findings.json``; ``python -m mechtests.organisms.train`` rebuilds them byte for byte and
-``python -m mechtests.organisms.analysis`` re-measures the findings.
+pronouns, induction), ``skip-trigram`` (1 attention-only layer: skip-trigrams "A ... B -> C",
+``mechtests.organisms.skip_trigram``) and ``prose`` (2 attention-only layers trained on English
+prose from Debian's dict-gcide: a previous-token head feeding induction heads,
+``mechtests.organisms.prose``). Checkpoints ship in ``fixtures/organisms/<name>/`` with
+``FINDINGS.md`` and ``findings.json``; ``python -m mechtests.organisms.train`` rebuilds the first
+three byte for byte and ``python -m mechtests.organisms.analysis`` re-measures their findings;
+the last two have their own ``train`` and ``findings`` commands.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures" / "organisms"
-NAMES = ("bigram", "induction", "multitask", "skip-trigram")
+NAMES = ("bigram", "induction", "multitask", "skip-trigram", "prose")
 
 
 def fixture_dir(name: str) -> Path:

@@ -3,7 +3,7 @@
 Corpus: the 1913 Webster of GCIDE, as the Debian package ``dict-gcide`` ships it
 (``/usr/share/dictd/gcide.dict.dz``; ``apt-get install dict-gcide`` as root, which ``--install``
 runs). Tokenizer: a byte-level BPE (the ``tokenizers`` library, GPT-2's scheme) trained on the
-corpus, 2048 tokens. Model: GPT-2's architecture with its MLPs zeroed and frozen, so it is
+corpus, 1024 tokens. Model: GPT-2's architecture with its MLPs zeroed and frozen, so it is
 attention-only, as in Elhage et al. 2021 and Olsson et al. 2022 (it keeps GPT-2's LayerNorms).
 Data: windows of prose; in most of them (``repeat_share``) a span of the window's own prose is
 repeated at its end (text that quotes itself), so that copying earlier text pays often enough
@@ -11,8 +11,7 @@ for the circuit to form within minutes on a CPU. The recipe records the loss on 
 and the heads' scores as training goes, so the drop when the induction head forms is measured,
 not assumed.
 
-No checkpoint is shipped yet: in its first run (2000 steps) no previous-token or induction
-head had formed (README, "Model organisms").
+The checkpoint ships as ``fixtures/organisms/prose`` (README, "Model organisms").
 
 ``python -m mechtests.organisms.prose train --out DIR`` trains (seeded, single-threaded);
 ``python -m mechtests.organisms.prose findings --dir DIR`` writes findings.json and FINDINGS.md
@@ -43,19 +42,22 @@ SPECIAL = "<|endoftext|>"
 class ProseRecipe:
     """Everything that determines the checkpoint (with the corpus file's bytes)."""
 
-    vocab_size: int = 2048
+    vocab_size: int = 1024
     corpus_chars: int = 12_000_000  # cleaned characters used (tokenizer and training)
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
-    n_positions: int = 64
+    n_positions: int = 48
     steps: int = 4000
     batch: int = 32
-    lr: float = 3e-3
+    lr: float = 5e-3
     warmup: int = 100
     weight_decay: float = 0.01
-    repeat_share: float = 0.8  # windows whose end repeats a span of their own prose
-    repeat_len: tuple[int, int] = (8, 24)
+    # windows whose end repeats a span of their own prose; the first recipe (2048 tokens, 64
+    # positions, lr 3e-3, 0.8 of the windows, spans of 8-24) formed no induction head in 3500
+    # steps, nor did 0.9 / 16-31 in 1000; this one formed it between steps 1000 and 2000
+    repeat_share: float = 0.9
+    repeat_len: tuple[int, int] = (12, 23)
     eval_every: int = 500
     seed: int = 0
 
@@ -195,7 +197,7 @@ def head_score_snapshot(model, r: ProseRecipe) -> dict[str, list[list[float]]]:
     HF model during training, on repeated random tokens (BOS + 2 x 20)."""
     from mechtests.analysis.heads import detection_pattern, repeated_random_tokens
 
-    toks = repeated_random_tokens(20, batch=8, seed=0, vocab_range=(1, 2048), bos=0)
+    toks = repeated_random_tokens(20, batch=8, seed=0, vocab_range=(1, r.vocab_size), bos=0)
     att = model(toks, output_attentions=True).attentions  # L x [n, H, T, T]
     pat = torch.stack(att, 1)
     out = {}

@@ -21,7 +21,7 @@ from mechtests.organisms import prose as P
 
 PREV_THRESHOLD = 0.5  # a previous-token head: most of its attention on the previous token
 INDUCTION_THRESHOLD = 0.5  # an induction head: most of its attention on the induction target
-N_RANDOM, N_PROSE, PREFIX = 25, 30, 20
+N_RANDOM, N_PROSE, PREFIX = 23, 27, 20  # 1 + 2 x 23 and 1 + 27 + 20 fit 48 positions
 
 
 def prose_repeats(model, n: int = 32, seed: int = 2, corpus_chars: int | None = None,

@@ -174,8 +174,13 @@ def make_batch(r: Recipe, step: int, ids: dict[str, int]):
 # training
 
 
-def train(r: Recipe, progress: bool = True):
-    """Train per the recipe; returns (model, tokenizer, final loss)."""
+def train(r: Recipe, progress: bool = True, save_every: int = 0, out: Path | None = None):
+    """Train per the recipe; returns (model, tokenizer, final loss).
+
+    ``save_every`` N > 0 writes an ordinary checkpoint after every N optimizer steps (and the
+    initial weights, step 0) to ``out/step-NNNNNN/``, each with ``training.json`` holding its
+    step and training loss. Saving touches no random state: the final weights are the same.
+    """
     from tqdm.auto import tqdm
     from transformers import GPT2LMHeadModel
 
@@ -208,10 +213,9 @@ def train(r: Recipe, progress: bool = True):
     ema = None
     for step in bar:
         tokens, weights = make_batch(r, step, ids)
-        logits = model(tokens).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                tokens[:, 1:].reshape(-1), reduction="none")
-        loss = (nll * weights.reshape(-1)).sum() / weights.sum()
+        loss = batch_loss(model, tokens, weights)
+        if save_every and out is not None and step % save_every == 0:
+            save_step(model, tok, r, step, loss.item(), ema, out, save_every)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -222,7 +226,50 @@ def train(r: Recipe, progress: bool = True):
         if step % 20 == 0:
             bar.set_postfix(loss=f"{ema:.3f}")
     model.eval()
+    if save_every and out is not None:
+        with torch.no_grad():
+            last = batch_loss(model, *make_batch(r, r.steps, ids)).item()
+        save_step(model, tok, r, r.steps, last, ema, out, save_every)
     return model, tok, ema
+
+
+def batch_loss(model, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The recipe's weighted next-token loss on one batch."""
+    logits = model(tokens).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                            tokens[:, 1:].reshape(-1), reduction="none")
+    return (nll * weights.reshape(-1)).sum() / weights.sum()
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / f"step-{step:06d}"
+
+
+def save_step(model, tok, r: Recipe, step: int, loss: float, ema: float | None,
+              out: Path, every: int) -> None:
+    """One intermediate checkpoint of a ``--save-every`` run (``step`` optimizer steps done).
+
+    ``loss``: these very weights' training loss on batch ``step``, the next batch, not yet
+    trained on; ``loss_ema``: the moving average (0.98) of the batches trained on so far. For a
+    recipe with ``loss="answer"`` both are the loss on what the task makes predictable (for the
+    induction organism: the repeated half, from its second word).
+    """
+    was_training = model.training
+    model.eval()
+    d = step_dir(out, step)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    what = ("loss on the repeated half" if r.organism == "induction" and r.loss == "answer"
+            else f"training loss ({r.loss})")
+    info = {"recipe": asdict(r), "step": step, "loss": round(float(loss), 6),
+            "loss_ema": None if ema is None else round(float(ema), 6),
+            "loss_kind": f"{what}, on the next batch (not yet trained on)",
+            "command": (f"python -m mechtests.organisms.train {r.organism} --out DIR "
+                        + " ".join(recipe_args(r))).strip() + f" --save-every {every}"}
+    (d / "training.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    if was_training:
+        model.train()
 
 
 def check_init_from(path: Path, words: list[str]) -> None:
@@ -310,7 +357,13 @@ def run(argv: list[str] | None = None) -> Path:
     p.add_argument("--mix", default=None, help="task=weight,... (multitask tasks)")
     p.add_argument("--init-from", default=None, help="fine-tune from this checkpoint dir")
     p.add_argument("--overwrite", action="store_true", help="replace a different checkpoint")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="also save a checkpoint every N steps (and step 0 and the last) to "
+                        "OUT/steps/step-NNNNNN/, each with its step and training loss")
     a = p.parse_args(argv)
+    if a.save_every < 0:
+        raise RecipeError(f"--save-every {a.save_every}: give N >= 1 (or 0: no intermediate "
+                          f"checkpoints)")
     r = RECIPES[a.organism]
     changes: dict[str, Any] = {}
     if a.seed is not None:
@@ -340,7 +393,13 @@ def run(argv: list[str] | None = None) -> Path:
                 f"another --out directory."
             )
     progress = not quiet()  # no bar under CI or when nobody watches (mechtests.core.progress)
-    model, tok, loss = train(r, progress=progress)
+    steps_out = out / "steps"
+    if a.save_every and steps_out.exists() and any(steps_out.iterdir()) and not a.overwrite:
+        raise RecipeError(f"--out {out}: {steps_out} already holds checkpoints; pass --overwrite "
+                          f"to replace them, or choose another --out directory")
+    if a.save_every and steps_out.exists() and a.overwrite:
+        shutil.rmtree(steps_out)
+    model, tok, loss = train(r, progress=progress, save_every=a.save_every, out=steps_out)
     model.tokenizer = tok  # the analysis functions read words through it
     scores = evaluate(r, model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,9 @@ memory from the components the claim names (``record.components([...])``):
 
 * ``relabel``: heads rotated within every layer (head h moves to h+1), a function-preserving
   renumbering. A claim that names no head by index must measure identical values; a claim that
-  names heads by index now points at other heads and must fail.
+  names heads by index now points at other heads and must fail; a claim that casts its heads by
+  role (``mechtests.suite.roles``) must hold *moved*, each head followed to its new index, with
+  identical values (a mutant is never the reference itself, so its roles are cast, not asserted).
 * ``QK <c>``: component c's attention broken (its queries zeroed: uniform causal attention).
 * ``OV <c>``: component c's output broken (its output weights zeroed). For an MLP layer or the
   embedding, ``OV`` is the only break (output zeroed; embedding rows shuffled).
@@ -17,7 +19,11 @@ memory from the components the claim names (``record.components([...])``):
 Each mutant's outcome is compared with what a discriminating claim does there; the kill matrix
 and a one-word verdict per claim go to the terminal summary and the report:
 ``discriminating``, ``cannot fail when <mutant> breaks``, ``fragile under <mutant>``,
-``index-dependent under relabel`` (values moved under a function-preserving relabel).
+``index-dependent under relabel`` (values moved under a function-preserving relabel),
+``does not follow its heads when renumbered`` (a role claim that did not hold moved there).
+A role claim meets a broken head's mutant as a discriminating claim must when it fails, or when
+it holds *moved* away from every component the mutant broke (it found the mechanism elsewhere
+and says so).
 
 Components: ``"L.H"`` (head H of layer L), ``"attn_L"`` (every head of layer L), ``"mlp_L"``,
 ``"embed"``. A behaviour claim (``kind="behaviour"`` in its ``claim`` marker) names no
@@ -54,8 +60,9 @@ class Mutant:
     """One mutant: its name, what a discriminating claim does on it, and how to build it."""
 
     name: str
-    expected: str  # "fail" | "hold" | "same"
+    expected: str  # "fail" | "hold" | "same" | "moved"
     edit: Callable[[dict[str, torch.Tensor], Any], None]  # mutates an HF GPT-2 state dict
+    broken: tuple[str, ...] = ()  # the components a "fail" mutant breaks
 
 
 # -- components ------------------------------------------------------------------------------------
@@ -116,11 +123,14 @@ def break_ov(component: str) -> Callable[[dict, Any], None]:
     return edit
 
 
-def relabel(sd: dict[str, torch.Tensor], cfg: Any) -> None:
-    """Rotate heads within every layer: new head j is old head j-1 (function-preserving)."""
-    H = cfg.n_head
-    src = [(j - 1) % H for j in range(H)]
-    for layer in range(cfg.n_layer):
+def permute_heads(sd: dict[str, torch.Tensor], cfg: Any,
+                  perms: dict[int, Sequence[int]]) -> None:
+    """Renumber heads within layers, keeping the function: new head ``j`` of layer ``L`` is old
+    head ``perms[L][j]`` (its q/k/v columns and its output rows move together)."""
+    for layer, src in perms.items():
+        if sorted(src) != list(range(cfg.n_head)):
+            raise ValueError(f"layer {layer}: {list(src)} is not a permutation of the "
+                             f"{cfg.n_head} heads")
         p = f"transformer.h.{layer}.attn"
         w, b, o = (sd[f"{p}.c_attn.weight"], sd[f"{p}.c_attn.bias"], sd[f"{p}.c_proj.weight"])
         w0, b0, o0 = w.clone(), b.clone(), o.clone()
@@ -130,6 +140,13 @@ def relabel(sd: dict[str, torch.Tensor], cfg: Any) -> None:
                 b[_cols(cfg, part, j)] = b0[_cols(cfg, part, s)]
         for j, s in enumerate(src):
             o[_rows(cfg, j)] = o0[_rows(cfg, s)]
+
+
+def relabel(sd: dict[str, torch.Tensor], cfg: Any) -> None:
+    """Rotate heads within every layer: new head j is old head j-1 (function-preserving)."""
+    H = cfg.n_head
+    permute_heads(sd, cfg, {layer: [(j - 1) % H for j in range(H)]
+                            for layer in range(cfg.n_layer)})
 
 
 def relabelled(component: str, n_layers: int, n_heads: int) -> str:
@@ -187,27 +204,32 @@ def _all(edits: list[Callable[[dict, Any], None]]) -> Callable[[dict, Any], None
 
 
 def mutants(components: Sequence[str], breaks: Sequence[str], index_free: bool,
-            n_layers: int, n_heads: int, together: bool = False) -> list[Mutant]:
-    """The mutants a claim naming ``components`` is run on (see the module docstring)."""
+            n_layers: int, n_heads: int, together: bool = False,
+            by_role: bool = False) -> list[Mutant]:
+    """The mutants a claim naming ``components`` is run on (see the module docstring).
+    ``by_role``: the claim casts its heads by role (``mechtests.suite.roles``), so under a
+    renumbering it must hold *moved*, with the same values."""
     for c in components:
         parse(c, n_layers, n_heads)
     names_heads = any(_HEAD.match(c) for c in components)
     out = []
     if n_heads > 1 and n_layers > 0:
-        out.append(Mutant("relabel", "same" if index_free or not names_heads else "fail",
-                          relabel))
+        expect = "same" if index_free or not names_heads else ("moved" if by_role else "fail")
+        out.append(Mutant("relabel", expect, relabel))
     qk = [c for c in components if parse(c, n_layers, n_heads)[0] in ("head", "attn")
           and "qk" in breaks]
     ov = [c for c in components if "ov" in breaks
           or parse(c, n_layers, n_heads)[0] in ("mlp", "embed")]
     if together:  # a claim about the set: break the whole set at once
         if qk:
-            out.append(Mutant(f"QK {'+'.join(qk)}", "fail", _all([break_qk(c) for c in qk])))
+            out.append(Mutant(f"QK {'+'.join(qk)}", "fail", _all([break_qk(c) for c in qk]),
+                              tuple(qk)))
         if ov:
-            out.append(Mutant(f"OV {'+'.join(ov)}", "fail", _all([break_ov(c) for c in ov])))
+            out.append(Mutant(f"OV {'+'.join(ov)}", "fail", _all([break_ov(c) for c in ov]),
+                              tuple(ov)))
     else:
-        out += [Mutant(f"QK {c}", "fail", break_qk(c)) for c in qk]
-        out += [Mutant(f"OV {c}", "fail", break_ov(c)) for c in ov]
+        out += [Mutant(f"QK {c}", "fail", break_qk(c), (c,)) for c in qk]
+        out += [Mutant(f"OV {c}", "fail", break_ov(c), (c,)) for c in ov]
     if components and n_layers > 0:
         out.append(Mutant("unnamed", "hold", perturb_unnamed(components)))
     out.append(Mutant("noise", "hold", noise_all))
@@ -253,20 +275,29 @@ def build_mutant(model: Any, mutant: Mutant) -> Any:
 
 # -- running one claim test on its mutants ---------------------------------------------------------
 def _same(a: list[dict], b: list[dict]) -> bool:
+    """The same values measured (a role's identity check, made on the reference subject only,
+    and other found-among-expected counts left out)."""
+    from mechtests.suite.render import SET_RE
+
+    a, b = ([m for m in ms if not SET_RE.match(str(m.get("what", "")))] for ms in (a, b))
     if len(a) != len(b):
         return False
     return all(math.isclose(x["value"], y["value"], rel_tol=SAME_RTOL, abs_tol=SAME_ATOL)
                for x, y in zip(a, b))
 
 
-def judge(expected: str, outcome: str, same: bool) -> bool:
-    """Whether the claim did on a mutant what a discriminating claim does there."""
+def judge(expected: str, outcome: str, same: bool, left: bool = False) -> bool:
+    """Whether the claim did on a mutant what a discriminating claim does there. ``left``: a
+    role claim's heads moved away from every component the mutant broke."""
     if outcome in ("error", "skipped"):
         return False
-    if expected == "fail":
-        return outcome != "held"  # failed, or inconclusive: it no longer vouches for it
+    if expected == "fail":  # failed, or inconclusive: it no longer vouches for it; or, by
+        # role, it follows the mechanism away from the broken heads (and says so: moved)
+        return outcome not in ("held", "moved") or (outcome == "moved" and left)
     if expected == "hold":
         return outcome == "held"
+    if expected == "moved":
+        return outcome == "moved" and same
     return outcome == "held" and same
 
 
@@ -288,8 +319,9 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
     named = named or {"components": [], "breaks": [], "index_free": True}
     cfg = subject.model.cfg
     original = [m for k, m in item.user_properties if k == PREFIX + "measured"]
+    by_role = any(k == PREFIX + "cast" for k, _ in item.user_properties)
     muts = mutants(named["components"], named["breaks"], named["index_free"],
-                   cfg.n_layers, cfg.n_heads, named.get("together", False))
+                   cfg.n_layers, cfg.n_heads, named.get("together", False), by_role)
     seed = item.config.getoption("--seed")
     matrix: dict[str, dict[str, Any]] = {}
     saved = dict(item.funcargs)
@@ -304,8 +336,10 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
                 except Exception as exc:  # noqa: BLE001 - name the mutant and the cause
                     raise MutationError(f"mutant {mut.name!r} of {subject.spec!r} could not be "
                                         f"built: {type(exc).__name__}: {exc}") from exc
-            node = SimpleNamespace(user_properties=[])
-            item.funcargs["subject"] = Subject(subject.spec, subject.name, cache[key])
+            node = SimpleNamespace(user_properties=[], config=item.config)
+            # a mutant is never the reference itself: roles are cast on it, not asserted
+            item.funcargs["subject"] = Subject(subject.spec, subject.name, cache[key],
+                                               mutant=mut.name)
             if "record" in item.funcargs:
                 item.funcargs["record"] = Record(node)  # type: ignore[arg-type]
             if "pin" in item.funcargs:  # snapshots belong to the real subject only
@@ -325,11 +359,26 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
                 outcome = "skipped" if skip else "error"
                 reason = _first(exc) if skip else f"{type(exc).__name__}: {_first(exc)}"
             measured = [v for k, v in node.user_properties if k == PREFIX + "measured"]
+            found = {h for k, v in node.user_properties if k == PREFIX + "cast"
+                     for h in v.get("found", [])}
+            moved = {a: b for k, v in node.user_properties if k == PREFIX + "cast"
+                     for a, b in v.get("moved", {}).items()}
+            if outcome == "held" and moved:
+                outcome = "moved"
             same = _same(original, measured)
+            if mut.expected == "moved":  # and the heads found where they were renumbered to
+                # (as a set: which old head became which is not in the scores)
+                same = same and all(
+                    set(v["found"]) == {relabelled(e, cfg.n_layers, cfg.n_heads)
+                                        for e in v["expected"]}
+                    for k, v in node.user_properties if k == PREFIX + "cast")
+            left = bool(mut.broken) and not (found & set(mut.broken))
             matrix[mut.name] = {"expected": mut.expected, "outcome": outcome,
-                                "ok": judge(mut.expected, outcome, same),
+                                "ok": judge(mut.expected, outcome, same, left),
                                 "reason": reason}
-            if mut.expected == "same":
+            if moved:
+                matrix[mut.name]["moved"] = moved
+            if mut.expected in ("same", "moved"):
                 matrix[mut.name]["same"] = same
     finally:
         item.funcargs.clear()
@@ -357,6 +406,8 @@ def verdict(matrix: dict[str, dict[str, Any]]) -> str:
     if m["expected"] == "same":
         return "index-dependent under relabel" if m["outcome"] == "held" else \
             "fragile under relabel"
+    if m["expected"] == "moved":
+        return "does not follow its heads when renumbered"
     return f"fragile under {name}"
 
 

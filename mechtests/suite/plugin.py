@@ -64,6 +64,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "subject (heads renumbered, the named components' attention or output "
                          "broken, unnamed components and all weights perturbed) and report a "
                          "kill matrix and a verdict per claim")
+    group.addoption("--strict-components", action="store_true", default=False,
+                    help="check each claim on the very components its reference names (the "
+                         "same head indices), not on whatever plays their role on this "
+                         "checkpoint; the role verdict is then shown beside")
 
 
 def _seed(text: str) -> int:
@@ -80,10 +84,18 @@ def _seed(text: str) -> int:
 def _specs(specs: list[str]) -> list[str]:
     """The specs once each, in order: the same model given twice runs (and is reported) once.
 
-    Two spellings of one existing directory (``ckpt``, ``./ckpt/``) count as the same model.
+    A sequence (a directory of checkpoints, or a glob) becomes its checkpoints, ordered by
+    training step (``mechtests.core.sequence``). Two spellings of one existing directory
+    (``ckpt``, ``./ckpt/``) count as the same model.
     """
     from pathlib import Path
 
+    from mechtests.core.sequence import SequenceError, expand_all
+
+    try:
+        specs = expand_all(specs)
+    except SequenceError as exc:
+        raise pytest.UsageError(str(exc)) from None
     seen: dict[str, str] = {}
     for spec in specs:
         path = Path(spec).expanduser()
@@ -156,6 +168,7 @@ class Subject:
     spec: str
     name: str
     model: Any
+    mutant: str = ""  # a --mutate mutant of the subject: never the reference itself
 
     @property
     def shape(self) -> str:
@@ -176,15 +189,33 @@ class ModelSkipped(pytest.skip.Exception):  # type: ignore[name-defined,misc]
         self.spec, self.message = spec, message
 
 
+def worker_device(device: str | None, worker: str | None, n_gpus: int) -> str | None:
+    """The device a pytest-xdist worker loads its models on: worker ``gw<i>`` takes
+    ``cuda:<i mod n_gpus>`` when ``--device`` is left out (or is plain ``cuda``) and the machine
+    has GPUs; ``--device cpu`` or ``cuda:N`` is kept as given, and so is everything outside
+    xdist. Each worker loads each model once (session cache); ``--dist loadgroup`` keeps a
+    model's tests on one worker."""
+    if not n_gpus or not worker or device not in (None, "cuda"):
+        return device
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        return device
+    return f"cuda:{int(worker[2:]) % n_gpus}"
+
+
 @pytest.fixture(scope="session")
 def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
     """``models(spec)``: the model for ``spec``, loaded once per run with ``--device`` and
     ``--dtype``. A model whose weights are not here is a skip with the loader's message (how
     to get them); a checkpoint that fails to load is an error, shown in full for the first
     test that needs it and in one line for the others (it is tried once, not per test)."""
+    import os
+
     loaded: dict[str, Any] = {}
     first: dict[str, str] = {}  # spec -> the test that reported its load error in full
-    device, dtype = pytestconfig.getoption("--device"), pytestconfig.getoption("--dtype")
+    dtype = pytestconfig.getoption("--dtype")
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = worker_device(pytestconfig.getoption("--device"),
+                           os.environ.get("PYTEST_XDIST_WORKER"), n_gpus)
 
     def get(spec: str, nodeid: str = ""):
         fresh = spec not in loaded
@@ -268,6 +299,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     report = yield
     exc = call.excinfo
     if exc is None:
+        if call.when == "call" and report.passed and _moved(item):
+            report.mechtests_outcome = "moved"  # held, on other components (roles.py)
         return report
     if isinstance(exc.value, ModelSkipped):
         report.longrepr = (f"model {exc.value.spec}", None, exc.value.message)
@@ -285,12 +318,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     return report
 
 
+def _moved(item: pytest.Item) -> bool:
+    """Whether a claim test cast a role onto other components than its reference's."""
+    from mechtests.suite.report import PREFIX
+
+    return any(k == PREFIX + "cast" and v.get("moved") for k, v in item.user_properties)
+
+
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
     marked = getattr(report, "mechtests_outcome", None)
     if report.when == "call" and marked == "inconclusive":
         return "inconclusive", "i", ("INCONCLUSIVE", {"yellow": True})
     if report.when == "call" and marked == "error":
         return "error", "E", ("ERROR", {"red": True})
+    if report.when == "call" and marked == "moved":
+        return "moved", "m", ("HELD, MOVED", {"blue": True})
     return None
 
 

@@ -163,6 +163,15 @@ def moved_text(test: dict[str, Any]) -> str:
     return ", ".join(f"{a} → {b}" for a, b in moved.items())
 
 
+def beside_text(beside: dict[str, Any]) -> str:
+    """``strict (the very same heads): failed: ...``: the answer to the question that did not
+    decide the verdict (``roles.verdict``), in words."""
+    what = {"strict": "strict (the very same heads)", "role": "by role"}.get(
+        beside.get("question", ""), str(beside.get("question")))
+    out = f"{what}: {WORDS.get(beside.get('outcome', ''), beside.get('outcome'))}"
+    return out + (f": {beside['reason']}" if beside.get("reason") else "")
+
+
 def _exception(reason: str) -> str:
     """The exception's name from an error's reason (``setup: ValueError: ...`` -> ValueError)."""
     text = reason.split(": ", 1)[1] if reason.startswith(("setup: ", "teardown: ")) else reason
@@ -202,6 +211,8 @@ def test_text(test: dict[str, Any], outcome: bool = True) -> str:
     parts = [WORDS.get(test.get("outcome", ""), test.get("outcome", ""))] if outcome else []
     if test.get("moved"):
         parts.append("components moved: " + moved_text(test))
+    if test.get("beside"):
+        parts.append(beside_text(test["beside"]))
     parts += [measure_text(m) for m in test.get("measurements") or []]
     reason = reason_text(test)
     if reason and test.get("outcome") != "held":
@@ -221,7 +232,10 @@ def why(test: dict[str, Any]) -> str:
     if out == "moved":
         m = key_measurement(test)
         return f"held with the components moved ({moved_text(test)})" + (
-            f": {measure_text(m)}" if m else "")
+            f": {measure_text(m)}" if m else "") + (
+            f"; {beside_text(test['beside'])}" if test.get("beside") else "")
+    if test.get("beside") and reason:
+        return f"{reason}; {beside_text(test['beside'])}"
     if reason:
         return reason
     m = key_measurement(test)
@@ -607,6 +621,63 @@ def _draw_row(claim: dict[str, Any], title: str, by_model: dict[str, Any], model
     return fig
 
 
+def step_series(claim: dict[str, Any], data: dict[str, Any]) -> dict[tuple[str, int],
+                                                                      dict[str, Any]]:
+    """Each measurement (not sanity checks) of the claim across the checkpoints with steps, in
+    step order:
+    ``{(test, i): {what, threshold, op, points: [(step, value, held, model)]}}``."""
+    at = steps(data)
+    series: dict[tuple[str, int], dict[str, Any]] = {}
+    for m in sorted(at, key=lambda m: at[m]):
+        cell = claim["cells"].get(m)
+        for test in cell["tests"] if cell else []:
+            for i, meas in enumerate(test.get("measurements") or []):
+                if meas.get("kind") == "sanity":
+                    continue  # checks that hold by construction are no finding to follow
+                v = variant(test, m)
+                key = (func_of(test) + (f"[{v}]" if v else ""), i)
+                s = series.setdefault(key, {"what": meas.get("what", ""), "points": [],
+                                            "threshold": meas.get("threshold"),
+                                            "op": meas.get("op", "")})
+                s["points"].append((at[m], _num(meas.get("value")), bool(meas.get("held")), m))
+    return series
+
+
+def step_table(claim: dict[str, Any], data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The claim against training step as a table: step, loss, outcome, each measurement."""
+    at = steps(data)
+    info = data.get("checkpoints") or {}
+    series = [(k, s) for k, s in step_series(claim, data).items() if len(s["points"]) >= 2]
+    if len(at) < 2 or not series:
+        return [], []
+    head = ["step", "loss", "outcome"]
+    for (test, _i), s in series:
+        what = SET_RE.match(s["what"])["what"] if _is_set(s) else s["what"]
+        need = f"{OP_SIGN.get(s['op'], s['op'])} {fmt(s['threshold'])}"
+        head.append(_clip(f"{what or test} ({need})", 60))
+    rows = []
+    for m in sorted(at, key=lambda m: at[m]):
+        cell = claim["cells"].get(m)
+        if not cell:
+            continue
+        row = [fmt(at[m]), fmt((info.get(m) or {}).get("loss", math.nan)),
+               GLYPH.get(worst(cell["tests"]), "?")]
+        for _key, s in series:
+            got = [p for p in s["points"] if p[3] == m]
+            row.append(f"{fmt(got[0][1])}{'' if got[0][2] else ' ✗'}" if got else "")
+        rows.append(row)
+    return head, rows
+
+
+def checkpoint_rows(data: dict[str, Any]) -> list[list[str]]:
+    """The checkpoints table: name, step, loss, weight sha256 (12 hex digits), path."""
+    info = data.get("checkpoints") or {}
+    names = short_names(data["models"])
+    return [[names[m], fmt(c["step"]) if "step" in c else "", fmt(c["loss"]) if "loss" in c
+             else "", str(c.get("sha256", ""))[:12], m]
+            for m in data["models"] if (c := info.get(m))]
+
+
 def _draw_steps(claim: dict[str, Any], data: dict[str, Any], names: dict[str, str],
                 images: Path, used: set[str]) -> list[dict[str, Any]]:
     """Training sequences: each measurement of the claim against the checkpoints' step."""
@@ -615,21 +686,12 @@ def _draw_steps(claim: dict[str, Any], data: dict[str, Any], names: dict[str, st
     at = steps(data)
     info = data.get("checkpoints") or {}
     order = sorted(at, key=lambda m: at[m])
-    series: dict[tuple[str, int], dict[str, Any]] = {}
-    for m in order:
-        cell = claim["cells"].get(m)
-        for test in cell["tests"] if cell else []:
-            for i, meas in enumerate(test.get("measurements") or []):
-                key = (f"{func_of(test)}[{variant(test, m)}]", i)
-                s = series.setdefault(key, {"what": meas.get("what", ""), "points": [],
-                                            "threshold": meas.get("threshold"),
-                                            "op": meas.get("op", "")})
-                s["points"].append((at[m], _num(meas.get("value")), bool(meas.get("held"))))
+    series = step_series(claim, data)
     out = []
     for (test_key, i), s in series.items():
         if len(s["points"]) < 2:
             continue
-        xs, ys, ok = zip(*s["points"])
+        xs, ys, ok, _ = zip(*s["points"])
         what = SET_RE.match(s["what"])["what"] if _is_set(s) else s["what"]
         fig, ax = plt.subplots(figsize=(5.0, 2.9), layout="tight")
         ax.plot(xs, ys, color="#1f77b4", linewidth=1.4, label="measured")
@@ -642,8 +704,11 @@ def _draw_steps(claim: dict[str, Any], data: dict[str, Any], names: dict[str, st
         if len(losses) >= 2:
             twin = ax.twinx()
             lx, ly = zip(*losses)
-            twin.plot(lx, ly, color="#aaa", linewidth=1, label="training loss")
-            twin.set_ylabel("training loss", fontsize=8, color="#777")
+            kinds = [str((info.get(m) or {}).get("loss_kind", "")) for m in order]
+            label = kinds[0].split(",")[0] if kinds[0] and len(set(kinds)) == 1 \
+                else "training loss"
+            twin.plot(lx, ly, color="#aaa", linewidth=1, label=label)
+            twin.set_ylabel(label, fontsize=8, color="#777")
             twin.tick_params(labelsize=7, colors="#777")
         ax.set_xlabel("training step", fontsize=9)
         ax.set_ylabel("value", fontsize=9)
@@ -723,7 +788,9 @@ def render_md(data: dict[str, Any]) -> str:
     models = data["models"]
     names = short_names(models)
     at = steps(data)
-    out = [f"# {_headline(data)}", "", _summary_line(data), "", LEGEND, ""]
+    out = [f"# {_headline(data)}", "", _summary_line(data), ""]
+    out += [f"> **Warning:** {_md(w)}" for w in data.get("warnings") or []]
+    out += ["", LEGEND, ""] if data.get("warnings") else [LEGEND, ""]
     head = []
     for m in models:
         label = names[m] + (f" (step {fmt(at[m])})" if m in at else "")
@@ -760,6 +827,11 @@ def render_md(data: dict[str, Any]) -> str:
         out += ["", "## Skipped", ""]
         for note in notes:
             out.append(f"- {_md(_where(note, data, names))}: {_md(note['reason'])}")
+    rows = checkpoint_rows(data)
+    if rows:
+        out += ["", "## Checkpoints", "", "| checkpoint | step | loss | weights sha256 | path |",
+                "|---|---|---|---|---|"]
+        out += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
     out += ["", "## Settings", ""]
     for key, value in (data.get("settings") or {}).items():
         out.append(f"- {key}: `{_setting(value)}`")
@@ -772,6 +844,11 @@ def render_md(data: dict[str, Any]) -> str:
         mut = _mutation(data, claim["id"])
         if mut:
             out += [f"Mutation testing: **{mut['verdict']}**", ""]
+        head, rows = step_table(claim, data)
+        if rows:
+            out += ["**Against training step**", "", "| " + " | ".join(map(_md, head)) + " |",
+                    "|---" * len(head) + "|"]
+            out += ["| " + " | ".join(map(_md, row)) + " |" for row in rows] + [""]
         for m in models:
             for t in (claim["cells"].get(m) or {"tests": []})["tests"]:
                 v = variant(t, m)
@@ -864,6 +941,8 @@ table.settings{font-size:12.5px;table-layout:fixed;width:100%}
  vertical-align:top;overflow-wrap:anywhere}.settings th{width:12em}
 table.mutation{font-size:12.5px;margin:4px 0;max-width:100%}
 .mutation th,.mutation td{border:1px solid #ddd;padding:2px 6px;overflow-wrap:anywhere}
+p.warn{background:#fff2c2;border:1px solid #e7c35a;border-radius:4px;padding:4px 8px}
+table.ckpts th{width:auto}
 """
 
 
@@ -935,6 +1014,7 @@ def render_html(data: dict[str, Any], images: Path) -> str:
                for o in ("held", "moved", "failed", "error", "inconclusive", "skipped",
                          "xfailed", "xpassed"))
            + "<span>click a cell for its measurements</span></div>"]
+    out += [f"<p class='warn'><b>Warning:</b> {e(w)}</p>" for w in data.get("warnings") or []]
     # the matrix
     out.append("<table class='matrix'><thead><tr><th class='claim'>claim</th>")
     for m in models:
@@ -1004,6 +1084,12 @@ def render_html(data: dict[str, Any], images: Path) -> str:
                            + (f" <b>{e(v)}</b>" if v else "")
                            + f": {e(test_text(t, outcome=o not in GLYPH))}</li>")
         out.append("</ul>")
+        head, rows = step_table(claim, data)
+        if rows:
+            out.append("<details><summary class='note'>against training step (table)</summary>"
+                       "<table class='mutation'><tr>" + "".join(f"<th>{e(h)}</th>" for h in head)
+                       + "</tr>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row)
+                                           + "</tr>" for row in rows) + "</table></details>")
         mut = _mutation(data, cid)
         if mut and mut.get("matrix"):
             out.append(f"<details><summary class='note'>mutation testing: {e(mut['verdict'])} "
@@ -1023,6 +1109,17 @@ def render_html(data: dict[str, Any], images: Path) -> str:
                      if not d.get("model") or d["model"] in paired]
             if cols:
                 out.append("<div class='figs'>" + "".join(cols) + "</div>")
+    rows = checkpoint_rows(data)
+    if rows:
+        out.append("<h2>Checkpoints</h2><table class='settings ckpts'><tr><th>checkpoint</th>"
+                   "<th>step</th><th>loss</th><th>weights sha256</th><th>path</th></tr>")
+        info = data.get("checkpoints") or {}
+        for row, m in zip(rows, [m for m in models if m in info]):
+            full = str(info[m].get("sha256", ""))
+            out.append(f"<tr><td>{e(row[0])}</td><td>{e(row[1])}</td><td>{e(row[2])}</td>"
+                       f"<td><code title='{e(full)}'>{e(row[3])}</code></td>"
+                       f"<td><code>{e(row[4])}</code></td></tr>")
+        out.append("</table>")
     out.append("<h2>Settings</h2><table class='settings'>")
     for key, value in s.items():
         out.append(f"<tr><th>{e(str(key))}</th><td><code>{e(_setting(value))}</code></td></tr>")

@@ -19,6 +19,7 @@ error). Earlier reports are kept. The renderers (HTML, Markdown, figures) are in
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import json
@@ -30,13 +31,16 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from mechtests.core.result import Result
+from mechtests.core.sequence import checkpoint_info, identical_weights
 from mechtests.suite import render
 
 PREFIX = "mechtests."  # user_properties names this plugin owns
@@ -83,6 +87,32 @@ class Record:
         self._node.user_properties.append((PREFIX + "components", {
             "components": names, "breaks": list(breaks), "index_free": bool(index_free),
             "together": bool(together)}))
+
+    def cast(self, role: str, means: str, expected: Any, found: Any, moved: dict[str, str],
+             vacant: Any = ()) -> None:
+        """Record a role resolved on the subject (``mechtests.suite.roles.cast``): the
+        reference's components, who plays the role here, and who moved where."""
+        self._node.user_properties.append((PREFIX + "cast", {
+            "role": role, "means": means, "expected": list(expected), "found": list(found),
+            "moved": dict(moved), "vacant": list(vacant)}))
+
+    def beside(self, question: str, outcome: str, reason: str = "") -> None:
+        """Record the answer to the question that did not decide the verdict: ``"strict"``
+        (are the very same heads doing it) beside a role verdict, or ``"role"`` beside a
+        ``--strict-components`` one."""
+        self._node.user_properties.append((PREFIX + "beside", {
+            "question": question, "outcome": outcome, "reason": reason}))
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Measurements made inside are kept out of the verdict's (``record.beside``'s
+        question is answered there)."""
+        node = self._node
+        self._node = SimpleNamespace(user_properties=[], config=getattr(node, "config", None))
+        try:
+            yield
+        finally:
+            self._node = node
 
     def check(self, value: Any, threshold: float, op: str = ">=", what: str = "") -> None:
         """``measured``, then fail the test with the numbers if it does not hold."""
@@ -135,6 +165,9 @@ class TestResult:
     measurements: list[dict[str, Any]] = field(default_factory=list)
     heatmaps: list[dict[str, Any]] = field(default_factory=list)
     mutation: dict[str, Any] | None = None  # this test's kill matrix under --mutate
+    casts: list[dict[str, Any]] = field(default_factory=list)  # roles resolved (roles.cast)
+    moved: dict[str, str] = field(default_factory=dict)  # {"3.3": "3.0"}: held on other heads
+    beside: dict[str, Any] | None = None  # the other question's answer (strict or role)
     unavailable: str = ""  # the full how-to when the model's weights are not on this machine
 
     def summary(self) -> str:
@@ -145,7 +178,7 @@ class TestResult:
         failing = [m for m in self.measurements if not m["held"]]
         if self.outcome in ("failed", "xfailed") and failing:
             return "; ".join(_measure_text(m) for m in failing)
-        if self.outcome in ("held", "xpassed") and self.measurements:
+        if self.outcome in ("held", "moved", "xpassed") and self.measurements:
             shown = [m for m in self.measurements if m.get("kind", "evidence") == "evidence"]
             return "; ".join(_measure_text(m) for m in shown or self.measurements)
         return self.reason
@@ -177,6 +210,9 @@ def _update(res: TestResult, report: pytest.TestReport) -> None:
     props = [(k, v) for k, v in report.user_properties if str(k).startswith(PREFIX)]
     res.measurements = [v for k, v in props if k == PREFIX + "measured"]
     res.heatmaps = [v for k, v in props if k == PREFIX + "heatmap"]
+    res.casts = [v for k, v in props if k == PREFIX + "cast"]
+    res.moved = {a: b for c in res.casts for a, b in c.get("moved", {}).items()}
+    res.beside = next((v for k, v in props if k == PREFIX + "beside"), None)
     for k, v in props:
         if k == PREFIX + "subject":
             res.subject = v
@@ -195,7 +231,8 @@ def _update(res: TestResult, report: pytest.TestReport) -> None:
                 res.reason = "the model's weights are not on this machine (see the note)"
     elif report.when == "call":
         if report.passed:
-            res.outcome = "xpassed" if hasattr(report, "wasxfail") else "held"
+            res.outcome = "xpassed" if hasattr(report, "wasxfail") else \
+                ("moved" if res.moved else "held")
             res.reason = ""
         elif report.failed:
             res.outcome = "error" if marked == "error" else "failed"
@@ -234,6 +271,13 @@ class ReportPlugin:
         self.written: Path | None = None
         self.note = ""
         self.loop_done = False  # the test loop returned normally (not Ctrl-C, not an error)
+        self._checkpoints: dict[str, dict[str, Any]] | None = None
+
+    def asked(self) -> list[str]:
+        """The ``--model`` specs, sequences expanded (ordered by step), each once."""
+        from mechtests.suite.plugin import _specs
+
+        return _specs(self.config.getoption("--model", None) or [])
 
     # -- on every process (xdist workers included): tag claim tests --
     @pytest.hookimpl(trylast=True)
@@ -305,8 +349,9 @@ class ReportPlugin:
             self.note = "run interrupted or stopped early: no report written"
             return
         try:
-            self.written = write_report(list(self.results.values()), self.settings(exitstatus),
-                                        self.report_dir())
+            settings = self.settings(exitstatus)
+            self.written = write_report(list(self.results.values()), settings,
+                                        self.report_dir(), self.checkpoints(settings["models"]))
         except KeyboardInterrupt:
             self.note = ("interrupted while writing the report: nothing written (the partial "
                          "directory was removed)")
@@ -318,10 +363,22 @@ class ReportPlugin:
             if session.exitstatus == pytest.ExitCode.OK:
                 session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
+    def checkpoints(self, models: list[str]) -> dict[str, dict[str, Any]]:
+        """Each model's checkpoint record (step, loss, weight hash), computed once per run;
+        models whose files are not on this machine have none."""
+        if self._checkpoints is None:
+            self._checkpoints = checkpoint_records(self.config.getoption("--model", None) or [],
+                                                   models)
+        return self._checkpoints
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.results and not hasattr(self.config, "workerinput"):
             for line in summary_lines(list(self.results.values())):
                 terminalreporter.write_line(line)
+            models = _ordered_models(list(self.results.values()), self.asked())
+            for warning in identical_weights(self.checkpoints(models)):
+                terminalreporter.write_line(f"mechtests WARNING: {warning}", yellow=True,
+                                            bold=True)
         if self.written is not None:
             terminalreporter.write_line(f"mechtests report: {self.written / 'report.html'} "
                                         "(and report.md, report.json)")
@@ -337,7 +394,7 @@ class ReportPlugin:
     def settings(self, exitstatus: int) -> dict[str, Any]:
         cfg = self.config
         results = list(self.results.values())
-        models = _ordered_models(results, list(dict.fromkeys(cfg.getoption("--model", None) or [])))
+        models = _ordered_models(results, self.asked())
         subjects = {r.model: r.subject for r in results if r.subject and r.model}
         return {
             "date": self.started.isoformat(timespec="seconds"),
@@ -362,12 +419,21 @@ def summary_lines(results: list[TestResult]) -> list[str]:
     """The claims' verdicts for the terminal: the five outcomes counted, why each error and
     inconclusive, one line per model whose weights are absent, and ``--mutate``'s kill matrix."""
     counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
+    shown = ("held",) + (("moved",) if counts["moved"] else ()) + (
+        "failed", "error", "inconclusive", "skipped") + (
+        ("xfailed", "xpassed") if counts["xfailed"] or counts["xpassed"] else ())
     out = ["", "mechtests claims: " + ", ".join(
-        f"{counts[o]} {o}" for o in ("held", "failed", "error", "inconclusive", "skipped")
-        + ("xfailed", "xpassed")[: 2 if counts["xfailed"] or counts["xpassed"] else 0])]
+        f"{counts[o]} {render.WORDS[o] if o == 'moved' else o}" for o in shown)]
     for r in results:
         if r.outcome in ("error", "inconclusive"):
             out.append(f"  {r.outcome.upper()} {r.nodeid}: {r.reason}")
+        if r.moved or r.beside:
+            where = ", ".join(f"{a} -> {b}" for a, b in r.moved.items())
+            line = f"  {render.WORDS.get(r.outcome, r.outcome).upper()} {r.nodeid}"
+            line += f": {where}" if where else ""
+            if r.beside:
+                line += f" ({render.beside_text(r.beside)})"
+            out.append(line)
     for note in notes(results):
         out.append(f"  model {note['model']}: {note['tests']} claim tests skipped. {note['note']}")
     mut = mutation(results)
@@ -407,6 +473,31 @@ def _git_commit(root: Path) -> str | None:
 
 # -- building the report ---------------------------------------------------------------------------
 NO_MODEL = "(no model)"
+SCHEMA = 2  # report.json's layout; reports merge only with the same schema and suite version
+
+
+def checkpoint_records(given: list[str], models: list[str]) -> dict[str, dict[str, Any]]:
+    """``{model: {path, step, loss, sha256, files}}`` for each model whose files are here.
+    A checkpoint from a sequence (``--model DIR_OF_CHECKPOINTS`` or a glob) takes its step from
+    its name when its training.json has none."""
+    from mechtests.core.models import CheckpointError, ModelUnavailable, resolve
+    from mechtests.core.sequence import expand, is_sequence
+
+    in_sequence = set()
+    for spec in given:
+        if is_sequence(spec):
+            try:
+                in_sequence.update(expand(spec))
+            except CheckpointError:
+                pass
+    out = {}
+    for m in models:
+        try:
+            path = resolve(m).path
+            out[m] = checkpoint_info(path, in_sequence=m in in_sequence)
+        except (CheckpointError, ModelUnavailable, OSError):
+            continue  # not on this machine, or not a checkpoint: its tests say why
+    return out
 
 
 def _ordered_models(results: list[TestResult], asked: list[str] | None) -> list[str]:
@@ -415,9 +506,15 @@ def _ordered_models(results: list[TestResult], asked: list[str] | None) -> list[
     return first + sorted(seen - set(first))
 
 
-def build(results: list[TestResult], settings: dict[str, Any]) -> dict[str, Any]:
-    """The report as plain data: settings, models, and per claim one cell per model."""
+def build(results: list[TestResult], settings: dict[str, Any],
+          checkpoints: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The report as plain data: settings, models, checkpoints (step, loss, weight hash), and
+    per claim one cell per model. Checkpoints with steps are ordered by step."""
     models = settings.get("models") or _ordered_models(results, None)
+    checkpoints = {m: checkpoints[m] for m in models if m in (checkpoints or {})}
+    stepped = [m for m in models if isinstance(checkpoints.get(m, {}).get("step"), int)]
+    if len(stepped) == len(models) > 1:
+        models = sorted(models, key=lambda m: checkpoints[m]["step"])
     claims: dict[str, dict[str, Any]] = {}
     for r in sorted(results, key=lambda r: (r.claim, r.nodeid)):
         claim = claims.setdefault(r.claim, {"id": r.claim, "source": r.source, "cells": {}})
@@ -438,9 +535,10 @@ def build(results: list[TestResult], settings: dict[str, Any]) -> dict[str, Any]
                 texts.append(f"({counts})")
             cell["text"] = "; ".join(texts)
     counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
-    return {"schema": 1, "settings": settings, "models": models, "counts": counts,
+    return {"schema": SCHEMA, "settings": settings, "models": models, "counts": counts,
             "claims": list(claims.values()), "notes": notes(results),
-            "mutation": mutation(results)}
+            "mutation": mutation(results), "checkpoints": checkpoints,
+            "warnings": identical_weights(checkpoints)}
 
 
 def notes(results: list[TestResult]) -> list[dict[str, Any]]:
@@ -500,7 +598,8 @@ def _publish(tmp: Path, parent: Path, name: str) -> Path:
     raise FileExistsError(f"{parent}: no free name {name}-N for the report (N up to 9999)")
 
 
-def write_report(results: list[TestResult], settings: dict[str, Any], parent: Path) -> Path:
+def write_report(results: list[TestResult], settings: dict[str, Any], parent: Path,
+                 checkpoints: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write ``parent/run-<timestamp>/`` whole or not at all; returns the new directory.
 
     Everything goes into a hidden temporary directory beside it, renamed into place at the end;
@@ -509,7 +608,7 @@ def write_report(results: list[TestResult], settings: dict[str, Any], parent: Pa
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".run-", suffix=".partial", dir=parent))
     try:
-        data = build(results, settings)
+        data = build(results, settings, checkpoints)
         images = tmp / "images"
         images.mkdir()
         render.draw(data, images)
@@ -523,3 +622,124 @@ def write_report(results: list[TestResult], settings: dict[str, Any], parent: Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# -- merging reports (separate runs, Ray tasks, SLURM array jobs) ---------------------------------
+class MergeError(ValueError):
+    """Reports that cannot be merged: missing, from another version, or contradicting."""
+
+
+def load_report(where: Path) -> dict[str, Any]:
+    """A run's ``report.json`` (given the file or its run directory), checked to be mergeable."""
+    from mechtests import __version__
+
+    where = Path(where)
+    f = where / "report.json" if where.is_dir() else where
+    if not f.is_file():
+        raise MergeError(f"{where}: no report.json there; pass the run directories a claims run "
+                         f"wrote (reports/run-YYYYmmdd-HHMMSS/)")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"{f}: not a readable report ({exc})") from None
+    have = ((data.get("settings") or {}).get("versions") or {}).get("mechtests")
+    if data.get("schema") != SCHEMA or have != __version__:
+        raise MergeError(
+            f"{f} was written by mechtests {have or '(unknown version)'} (report schema "
+            f"{data.get('schema')}); this is mechtests {__version__} (schema {SCHEMA}). Re-run "
+            f"its checkpoints with this version (or merge with the version that wrote it): "
+            f"reports from different versions are not comparable")
+    return data
+
+
+def merge_data(reports: list[tuple[str, dict[str, Any]]], command: str = "") -> tuple[
+        list[TestResult], dict[str, Any], dict[str, dict[str, Any]]]:
+    """(results, settings, checkpoints) of one report combining ``reports`` ((label, data)):
+    every test of every run, each once; a test run in two of them, or one checkpoint recorded
+    with different weights, is refused."""
+    from dataclasses import fields
+
+    keep = {f.name for f in fields(TestResult)}
+    results: dict[tuple[str | None, str], tuple[str, TestResult]] = {}
+    checkpoints: dict[str, dict[str, Any]] = {}
+    where: dict[str, str] = {}
+    order: list[str] = []
+    runs = []
+    if not reports:
+        raise MergeError("nothing to merge: pass one or more report directories")
+    for label, data in reports:
+        for claim in data.get("claims", []):
+            for cell in claim.get("cells", {}).values():
+                for t in cell.get("tests", []):
+                    r = TestResult(**{k: v for k, v in t.items() if k in keep})
+                    key = (r.model, r.nodeid)
+                    if key in results:
+                        raise MergeError(f"{r.nodeid} is in both {results[key][0]} and {label}: "
+                                         f"each test of each checkpoint may come from one run "
+                                         f"only; leave one of them out")
+                    results[key] = (label, r)
+        for model, info in (data.get("checkpoints") or {}).items():
+            if model in checkpoints and checkpoints[model].get("sha256") != info.get("sha256"):
+                raise MergeError(f"checkpoint {model} was checked with different weights in "
+                                 f"{where[model]} and {label} (sha256 "
+                                 f"{str(checkpoints[model].get('sha256'))[:12]} vs "
+                                 f"{str(info.get('sha256'))[:12]}): these are not one run's "
+                                 f"checkpoints")
+            checkpoints.setdefault(model, info)
+            where.setdefault(model, label)
+        order += [m for m in data.get("models", []) if m not in order]
+        s = data.get("settings") or {}
+        runs.append({"report": label, **{k: s[k] for k in ("date", "command", "git_commit",
+                                                             "devices_used", "duration_s")
+                                         if k in s}})
+    first = reports[0][1].get("settings") or {}
+    settings = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command or "python -m mechtests.suite.report merge",
+        "models": order,
+        "merged_from": runs,
+        **{k: first[k] for k in ("dtype", "seed", "versions") if k in first},
+        "devices_used": sorted({d for _, data in reports
+                                for d in (data.get("settings") or {}).get("devices_used", [])}),
+        "platform": platform.platform(),
+    }
+    return [r for _, r in results.values()], settings, checkpoints
+
+
+def merge(parent: Path, sources: list[Path], command: str = "") -> Path:
+    """Merge the reports in ``sources`` (run directories) into a new run directory under
+    ``parent``; returns it."""
+    reports = [(str(src), load_report(src)) for src in sources]
+    results, settings, checkpoints = merge_data(reports, command)
+    return write_report(results, settings, Path(parent), checkpoints)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m mechtests.suite.report",
+        description="Merge claims reports from separate runs (Ray tasks, SLURM array jobs, one "
+                    "run per checkpoint) into one report.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge run directories into a new one under OUT")
+    m.add_argument("out", type=Path, help="parent directory of the merged run-*/ (like "
+                                          "--report-dir)")
+    m.add_argument("reports", type=Path, nargs="+", help="run directories (or report.json)")
+    a = p.parse_args(argv)
+    try:
+        written = merge(a.out, a.reports, shlex.join(["python", "-m", "mechtests.suite.report",
+                                                      *(argv or sys.argv[1:])]))
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    data = json.loads((written / "report.json").read_text(encoding="utf-8"))
+    for warning in data.get("warnings", []):
+        print(f"WARNING: {warning}", file=sys.stderr)
+    print(written / "report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
