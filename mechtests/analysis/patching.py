@@ -35,7 +35,7 @@ from itertools import groupby, product
 
 import torch
 
-from mechtests.core.engine import Ctx, Edit, Engine, engine_for
+from mechtests.core.engine import Ctx, Edit, Engine, Window, engine_for
 from mechtests.core.progress import progress
 from mechtests.core.result import Result
 from mechtests.core.sites import Component, Head, LayerOut, component
@@ -117,6 +117,27 @@ def _call_metric(metric: Metric, logits: torch.Tensor, engine: Engine | None = N
     return out
 
 
+def _score(engine: Engine, metric: Metric, x: torch.Tensor, tokens: torch.Tensor | None = None,
+           patches: Sequence[tuple] | None = None, budget_mb: float | None = None
+           ) -> torch.Tensor:
+    """The metric of final residuals ``x`` ``[..., n_prompts, d]`` at the read position.
+
+    A metric that declares the token ids it reads (``metric.reads``, as ``logit_diff``) gets
+    only those logits; any other gets the whole row, unembedded in blocks of leading rows that
+    fit ``budget_mb``."""
+    reads = getattr(metric, "reads", None)
+    if reads is not None:
+        return _call_metric(metric.on_columns, engine.unembed_columns(x, reads), engine, tokens,
+                            patches)
+    if x.dim() < 3 or budget_mb is None:
+        return _call_metric(metric, engine.unembed(x), engine, tokens, patches)
+    row = x.shape[1:-1].numel() * engine.d_vocab * 4
+    step = max(1, int(budget_mb * 2**20 // row))
+    return torch.cat([_call_metric(metric, engine.unembed(x[c:c + step]), engine, tokens,
+                                   None if patches is None else patches[c:c + step])
+                      for c in range(0, len(x), step)])
+
+
 def _pair(engine: Engine, clean, corrupted) -> tuple[torch.Tensor, torch.Tensor]:
     clean, corrupted = engine.check_tokens(clean), engine.check_tokens(corrupted)
     if clean.shape != corrupted.shape:
@@ -151,8 +172,7 @@ def _run(engine: Engine, tokens, want: Iterable[str], metric: Metric, rp) -> _Ru
     ctx = Ctx(set(want))
     x = engine.forward(engine.embed(tokens, ctx), 0, ctx=ctx)[:, 0]
     final = x[torch.arange(len(x), device=x.device), rp]
-    return _Run(tokens, ctx.cache, rp, final,
-                _call_metric(metric, engine.unembed(final), engine, tokens))
+    return _Run(tokens, ctx.cache, rp, final, _score(engine, metric, final, tokens))
 
 
 def _stage_name(engine: Engine, stage: int) -> str:
@@ -213,33 +233,53 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
     stage_of = lambda k: _entry_stage(engine, patches.stage(k))  # noqa: E731
     order = sorted((i for i in range(len(patches.keys)) if i not in skip),
                    key=lambda i: (p0_of[i], stage_of(patches.keys[i])))
+    finals = base.final.new_empty(len(patches.keys), N, base.final.shape[-1])
+    done: list[int] = []  # patches whose final residual is in ``finals``
     kv = [(base.cache.get(f"blocks.{lay}.attn.hook_k"), base.cache.get(f"blocks.{lay}.attn.hook_v"))
           for lay in range(engine.n_layers)]
-    groups = [(p0, list(g)) for p0, g in groupby(order, key=lambda i: p0_of[i])]
-    for p0, group in progress(groups, desc="patching", unit="position"):
-        live = base.rp >= p0  # prompts whose read position can see this patch
-        if not live.any():
+    # Batches across first positions, each within the budget; in a batch every window runs
+    # through each layer's norms, projections and MLP as one matmul (Engine.forward_wave).
+    batches: list[list[int]] = [[]]
+    used = 0.0
+    for p0, group in groupby(order, key=lambda i: p0_of[i]):
+        group = list(group)
+        if not (base.rp >= p0).any():  # no prompt's read position can see these patches
             out[group] = base.metric
             continue
-        t = T - p0
-        per_patch = engine.W_E.element_size() * N * (
-            t * (8 * engine.d_model + 4 * engine.n_heads * T + 3 * engine.d_mlp)
-            + 3 * engine.d_vocab)
-        chunk = max(1, int(budget_mb * 2**20 // per_patch))
-        prefix = [(k[:, :p0], v[:, :p0]) if k is not None else None for k, v in kv]
-        for c in range(0, len(group), chunk):
-            part = group[c:c + chunk]
+        per_patch = engine.W_E.element_size() * N * (T - p0) * (
+            8 * engine.d_model + 4 * engine.n_heads * T + 3 * engine.d_mlp)
+        for i in group:
+            if batches[-1] and used + per_patch > budget_mb * 2**20:
+                batches.append([])
+                used = 0.0
+            batches[-1].append(i)
+            used += per_patch
+    for part in progress([b for b in batches if b], desc="patching", unit="batch"):
+        windows, parts = [], []
+        for p0, idx in groupby(part, key=lambda i: p0_of[i]):
             entries = {}
-            for stage, idx in groupby(part, key=lambda i: stage_of(patches.keys[i])):
-                keys = [patches.keys[i] for i in idx]
+            for stage, ids in groupby(idx, key=lambda i: stage_of(patches.keys[i])):
+                ids = list(ids)
+                parts.append((p0, ids))
                 resid = base.cache[_stage_name(engine, stage)][:, None, p0:]
-                entries[stage] = resid + patches.delta(keys, p0)
-            x = engine.forward(None, min(entries), p0=p0, prefix=prefix, entries=entries,
-                               read=base.rp - p0)[:, :, 0]  # [N, P, d]
-            x = torch.where(live[:, None, None], x, base.final[:, None])
-            out[part] = _call_metric(metric, engine.unembed(x).transpose(0, 1), engine,
-                                     base.tokens, [patches.keys[i] for i in part])
+                entries[stage] = resid + patches.delta([patches.keys[i] for i in ids], p0)
+            prefix = [(k[:, :p0], v[:, :p0]) if k is not None else None for k, v in kv]
+            windows.append(Window(p0, prefix, base.rp - p0, entries))
+        xs = engine.forward_wave(windows)
+        for (p0, ids), x in zip(_by_window(parts, windows), xs):
+            x = torch.where((base.rp >= p0)[:, None, None], x[:, :, 0], base.final[:, None])
+            finals[ids] = x.transpose(0, 1)
+            done += ids
+    if done:  # the unembedding and the metric once for the whole sweep
+        out[done] = _score(engine, metric, finals[done], base.tokens,
+                           [patches.keys[i] for i in done], budget_mb)
     return out
+
+
+def _by_window(parts: list[tuple[int, list[int]]], windows: list[Window]):
+    """The patches of each window, in the order its batch holds them (by entry stage)."""
+    for w in windows:
+        yield w.p0, [i for p0, ids in parts if p0 == w.p0 for i in ids]
 
 
 def _resid_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Patches:
@@ -750,8 +790,8 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
             ctx = Ctx({f"blocks.{k[0]}.hook_resid_pre" for k in recv}, edits, cache)
             x0 = base.cache[f"blocks.{first}.hook_resid_pre"][:, None].expand(N, P, T, -1)
             x = engine.forward(x0, 2 * first, ctx=ctx, read=rp)[:, :, 0]
-            vals = _call_metric(metric, engine.unembed(x).transpose(0, 1), engine, base_tok,
-                                [f"sender {lay}.{h}" for lay, h in part])
+            vals = _score(engine, metric, x.transpose(0, 1), base_tok,
+                          [f"sender {lay}.{h}" for lay, h in part])
             out[[lay * H + h for lay, h in part]] = vals
     per_prompt = out.T.reshape(N, L, H)
     clean_run, corr_run = (src, base) if direction == "denoise" else (base, src)
@@ -818,7 +858,7 @@ def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequenc
         x0 = engine.embed(base_tok).detach().requires_grad_(True)
         x = engine.forward(x0, 0, ctx=ctx)[:, 0]
         final = x[torch.arange(N, device=x.device), rp]
-        m = _call_metric(metric, engine.unembed(final), engine, base_tok)
+        m = _score(engine, metric, final, base_tok)
         m.sum().backward()
     out = {}
     for key, site, by in specs:
