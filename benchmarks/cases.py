@@ -1,21 +1,25 @@
 """Benchmark cases shared by the timing benchmarks and the peak-memory script.
 
-Each task runs the same cells in both implementations: this engine (``mechtests``) and
-TransformerLens (``transformer_lens``), both starting from tokens (TL's clean cache is part of
-its timed call, as the engine's clean run is part of its own) and both under ``no_grad``.
+Each task runs the same cells in every implementation: this engine (``mechtests``),
+TransformerLens (``transformer_lens``) and nnsight 0.8 (``nnsight``, sweeps only), all starting
+from tokens (a peer's clean run is part of its timed call, as the engine's clean run is part of
+its own) and all under ``no_grad``.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pandas as pd
 import torch
 
+from mechtests.core.metrics import logit_diff
 from mechtests.testing import compare_attribution_with_tl
 
 CASES = {"T11xN1": (11, 1), "T11xN8": (11, 8), "T64xN1": (64, 1), "T64xN8": (64, 8)}
 TASKS = ("resid_pre", "head_out", "attribution")
+DIFFER_AT = 1  # the one position where a corrupted prompt differs from its clean one
 
 
 def prompts(T: int, N: int, vocab: int = 50257, seed: int = 0):
@@ -25,14 +29,13 @@ def prompts(T: int, N: int, vocab: int = 50257, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, vocab, (N, T), generator=g)
     corrupted = clean.clone()
-    corrupted[:, 1] = (clean[:, 1] + 1 + torch.arange(N)) % vocab
+    corrupted[:, DIFFER_AT] = (clean[:, DIFFER_AT] + 1 + torch.arange(N)) % vocab
     return clean, corrupted
 
 
-def metric(logits: torch.Tensor) -> torch.Tensor:
-    """A logit difference between two fixed tokens (TL's attribution_patch needs one metric for
-    every prompt)."""
-    return logits[..., 11] - logits[..., 12]
+# A logit difference between two fixed tokens (TL's attribution_patch needs one metric for
+# every prompt); it declares the two columns it reads.
+metric = logit_diff(torch.tensor(11), torch.tensor(12))
 
 
 def cells(task: str, case: str, full: bool) -> dict | None:
@@ -86,6 +89,78 @@ def run_tl(model, task: str, clean, corrupted, sub: dict | None):
                                            lambda lg: metric(lg[:, -1]), patch_setter=setter,
                                            activation_name=act, index_df=df, reduce="none")
     return out.values  # [cells, N]
+
+
+def nnsight_model(model):
+    """nnsight's ``LanguageModel`` over a fresh Hugging Face model from the bridge's
+    checkpoint (what an nnsight user loads), float32, on CPU."""
+    from nnsight import LanguageModel
+
+    from mechtests.core.engine import _reference_model
+
+    hf = _reference_model(model)
+    hf.config._attn_implementation = "sdpa"  # HF's fastest CPU attention
+    with warnings.catch_warnings():  # 0.8 deprecates LanguageModel; it still runs as before
+        warnings.simplefilter("ignore")
+        return LanguageModel(hf, tokenizer=model.tokenizer)
+
+
+def _blocks(lm):
+    base = lm._module
+    for path in ("transformer.h", "gpt_neox.layers", "model.layers"):
+        head, _, tail = path.partition(".")
+        if hasattr(base, head):
+            return getattr(getattr(lm, head), tail)
+    raise ValueError(f"no block list in {type(base).__name__}")
+
+
+def run_nnsight(lm, task: str, clean, corrupted, sub: dict | None, max_rows: int = 1024):
+    """The sweep as nnsight users write it at its fastest: one trace caches the clean run's
+    activations at the swept layers, then one batched trace (chunked to ``max_rows`` rows) runs
+    every patched variant of every prompt, each row writing the clean activation into its
+    slice, and keeps only the last position's logits (``logits_to_keep=1``). Returns
+    ``[cells, N]`` like ``run_tl``."""
+    N, T = clean.shape
+    sub = sub or {}
+    blocks = _blocks(lm)
+    layers = list(sub.get("layers", range(len(blocks))))
+    if task == "resid_pre":
+        cells_ = list(itertools.product(layers, sub.get("positions", range(T))))
+    else:
+        H = lm._module.config.num_attention_heads
+        cells_ = list(itertools.product(layers, sub.get("heads", range(H))))
+        dh = lm._module.config.hidden_size // H
+
+    def site(layer):
+        return blocks[layer] if task == "resid_pre" else blocks[layer].attn.c_proj
+
+    mask = torch.ones_like(clean)
+    with torch.no_grad():
+        saved: dict = {}  # filled inside the trace (names assigned there do not come back)
+        with lm.trace({"input_ids": clean, "attention_mask": mask}):
+            for la in layers:
+                saved[la] = site(la).input.save()
+        per = max(1, max_rows // N)
+        out = []
+        for c in range(0, len(cells_), per):
+            part = cells_[c:c + per]
+            P = len(part)
+            toks = corrupted.repeat(P, 1)  # row i * N + n: cell i, prompt n
+            with lm.trace({"input_ids": toks, "attention_mask": torch.ones_like(toks)},
+                          logits_to_keep=1):
+                for la in sorted({cell[0] for cell in part}):
+                    x = site(la).input
+                    for i, cell in enumerate(part):
+                        if cell[0] != la:
+                            continue
+                        rows = slice(i * N, (i + 1) * N)
+                        if task == "resid_pre":
+                            x[rows, cell[1]] = saved[la][:, cell[1]]
+                        else:
+                            cols = slice(cell[1] * dh, (cell[1] + 1) * dh)
+                            x[rows, :, cols] = saved[la][:, :, cols]
+                out.append(metric(lm.output.logits[:, -1]).reshape(P, N).save())
+    return torch.cat(out)
 
 
 def assert_agree(task: str, ours, tl, atol: float = 1e-4) -> None:

@@ -1,8 +1,13 @@
-"""A GPT-2-small-shaped model with random weights (GPT2Config() defaults), built offline."""
+"""A GPT-2-small-shaped model with random weights (GPT2Config() defaults), built offline; the
+shared round count and the floor column."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+ROUNDS = int(os.environ.get("MECHTESTS_BENCH_ROUNDS", "3"))  # the same for every implementation
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +24,40 @@ def gpt2_small(gpt2_small_dir):
 
     model = load_model(str(gpt2_small_dir), device="cpu")
     return model, Engine(model)
+
+
+@pytest.fixture(scope="session")
+def nnsight_gpt2(gpt2_small):
+    """nnsight's LanguageModel on the same checkpoint, built on first use."""
+    from cases import nnsight_model
+
+    held = []
+
+    def get():
+        if not held:
+            held.append(nnsight_model(gpt2_small[0]))
+        return held[0]
+
+    return get
+
+
+_rate: dict = {}
+
+
+def record_floor(benchmark, engine, task: str, case: str, sub) -> None:
+    """Put the case's floor (``floor.py``) and this row's distance to it in ``extra_info``;
+    the matmul rate is measured once per run with the benchmark's timer."""
+    from floor import matmul_rate, sweep_flops
+
+    if benchmark.disabled:
+        return
+    timer = benchmark._timer
+    if "rate" not in _rate:
+        _rate["rate"] = matmul_rate(timer)
+    flops = sweep_flops(engine, task, case, sub)
+    floor_s = flops / _rate["rate"]
+    best = benchmark.stats.stats.min
+    benchmark.extra_info.update({"gflop": round(flops / 1e9, 2),
+                                 "matmul_gflops": round(_rate["rate"] / 1e9, 1),
+                                 "floor_s": round(floor_s, 3),
+                                 "x_floor": round(best / floor_s, 2)})

@@ -1,13 +1,16 @@
 """Rotary families against TransformerLens: a Pythia-160m-shaped GPT-NeoX (partial rotary,
 parallel attention and MLP) and a Llama-shaped model (RMSNorm, gated MLP, grouped-query
 attention, 12 layers at d_model 768), random weights, ``resid_pre`` by (layer, pos). The two
-implementations must agree; ``--benchmark-only`` times them in the same run.
+implementations (and nnsight 0.8) must agree; ``--benchmark-only`` times them in the same run,
+with the same number of rounds, and records each row's arithmetic floor (``floor.py``).
 """
 
 from __future__ import annotations
 
 import pytest
-from cases import assert_agree, cells, prompts, run_ours, run_tl
+from cases import assert_agree, cells, nnsight_model, prompts, run_nnsight, run_ours, run_tl
+
+from conftest import ROUNDS, record_floor
 
 pytestmark = pytest.mark.heavy  # TransformerLens reference runs at GPT-2 scale
 
@@ -22,7 +25,7 @@ SHAPES = {
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
         num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)),
 }
-IMPLS = ("transformer_lens", "mechtests")
+IMPLS = ("transformer_lens", "nnsight", "mechtests")
 _built: dict = {}
 _results: dict = {}
 
@@ -54,12 +57,20 @@ def test_bench_rotary(benchmark, tmp_path_factory, shape, impl):
     clean, corrupted = prompts(11, 1, vocab=engine.d_vocab)
     sub = cells("resid_pre", "T11xN1", not benchmark.disabled)
     benchmark.group = f"resid_pre T11xN1 {shape}"
-    ours = impl == "mechtests"
-    fn = (lambda: run_ours(engine, "resid_pre", clean, corrupted, sub)) if ours \
-        else (lambda: run_tl(model, "resid_pre", clean, corrupted, sub))
-    _results[shape, impl] = benchmark.pedantic(fn, rounds=3 if ours else 1, iterations=1)
-    other = "transformer_lens" if ours else "mechtests"
-    if (shape, other) not in _results:
-        _results[shape, other] = run_tl(model, "resid_pre", clean, corrupted, sub) if ours \
-            else run_ours(engine, "resid_pre", clean, corrupted, sub)
-    assert_agree("resid_pre", _results[shape, "mechtests"], _results[shape, "transformer_lens"])
+    run = {"mechtests": lambda: run_ours(engine, "resid_pre", clean, corrupted, sub),
+           "transformer_lens": lambda: run_tl(model, "resid_pre", clean, corrupted, sub),
+           "nnsight": lambda: run_nnsight(_nnsight(shape, model), "resid_pre", clean,
+                                          corrupted, sub)}
+    result = benchmark.pedantic(run[impl], rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    record_floor(benchmark, engine, "resid_pre", "T11xN1", sub)
+    _results[shape, impl] = result
+    if (shape, "mechtests") not in _results:
+        _results[shape, "mechtests"] = run["mechtests"]()
+    if impl != "mechtests":
+        assert_agree("resid_pre", _results[shape, "mechtests"], result)
+
+
+def _nnsight(shape: str, model):
+    if (shape, "nnsight") not in _built:
+        _built[shape, "nnsight"] = nnsight_model(model)
+    return _built[shape, "nnsight"]

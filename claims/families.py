@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from mechtests import families as gpt2
+from mechtests.core.engine import run
 from mechtests.core.prompts import PromptError, PromptFamily
 from mechtests.organisms import language as lang
 from mechtests.organisms.analysis import EVAL_SEED
@@ -83,12 +84,9 @@ def measured_on(task: str, subject, refs: dict, kind: str, record=None, guard: b
     name, ref = reference(subject, refs)
     fam = family(task, name, kind).tokenize(subject.model)
     if guard:
-        from mechtests.core.engine import engine_for
-
-        engine = engine_for(subject.model)
         metric = fam.logit_diff()
-        clean = float(metric(engine.run(fam.clean, logits_at=-1)[0]).mean())
-        corrupted = float(metric(engine.run(fam.corrupted, logits_at=-1)[0]).mean())
+        clean = float(metric(run(subject.model, fam.clean, logits_at=-1)[0]).mean())
+        corrupted = float(metric(run(subject.model, fam.corrupted, logits_at=-1)[0]).mean())
         effect_size(clean, corrupted, f"{task} family {kind!r}, mean logit diff", record)
     return ref, fam
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from mechtests.core.engine import normalize
 from mechtests.organisms.language import bigram_table
 from mechtests.suite.claims import holds, reference
 
@@ -25,9 +26,7 @@ def test_embedding_times_unembedding_is_the_bigram_table(subject, record, pin):
     record.components(["embed"])  # the direct path W_E @ W_U (tied: the same matrix)
     model = subject.model
     table = bigram_table().float()  # rows: current word, columns: next word (vocab order)
-    resid = model.W_E + model.W_pos[0]
-    resid = resid - resid.mean(-1, keepdim=True)
-    resid = resid / (resid.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    resid = normalize(model.W_E + model.W_pos[0], model.cfg.eps)  # the final LayerNorm
     logits = resid @ model.W_U + model.b_U  # compat mode folded the LayerNorm gain into W_U
     pred = logits.softmax(-1)[: table.shape[0], : table.shape[1]]
     rows = table.sum(-1) > 0

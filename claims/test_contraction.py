@@ -38,7 +38,6 @@ from mechtests.analysis.heads import attention_between
 from mechtests.analysis.patching import sweep
 from mechtests.core import metrics as M
 from mechtests.core import sites
-from mechtests.core.engine import engine_for
 from mechtests.core.result import Result
 from mechtests.suite.claims import holds, holds_set, reference
 from mechtests.suite.roles import Cast, Role, by_head, cast, verdict
@@ -68,9 +67,9 @@ def test_one_head_is_top_by_attribution_and_patching(subject, kind, record, pin)
     head, fam = measured_on("contraction", subject, REFS, kind, record)
     moving, dla = mover(subject, head, fam, record)
     record.components(list(moving.components))
-    patched = sweep(engine_for(subject.model), "z", fam.clean, fam.corrupted, fam.logit_diff(),
+    patched = sweep(subject.model, "z", fam.clean, fam.corrupted, fam.logit_diff(),
                     by=("layer", "head"))
-    patched = patched.normalized(patched.meta["clean"], patched.meta["corrupted"])
+    patched = patched.restored()
     for r, title in ((dla, "direct logit attribution"), (patched, "head output patching")):
         record.heatmap(r, title=f"{title} ({kind})")
 
@@ -119,11 +118,11 @@ def test_value_patching_restores_more_than_pattern(subject, kind, record):
     head, fam = measured_on("contraction", subject, REFS, kind, record)
     moving, _ = mover(subject, head, fam, record)
     record.components(list(moving.components))
-    engine = engine_for(subject.model)
     out = {}
     for site in ("v", "pattern"):
-        r = sweep(engine, site, fam.clean, fam.corrupted, fam.logit_diff(), by=("layer", "head"))
-        out[site] = r.normalized(r.meta["clean"], r.meta["corrupted"])
+        r = sweep(subject.model, site, fam.clean, fam.corrupted, fam.logit_diff(),
+                  by=("layer", "head"))
+        out[site] = r.restored()
     diff = out["v"].values - out["pattern"].values  # [layer, head]
 
     def check(found):

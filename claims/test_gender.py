@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 from claims.families import kinds, measured_on
 from mechtests.analysis.attribution import (
@@ -26,7 +25,8 @@ from mechtests.analysis.attribution import (
 )
 from mechtests.analysis.patching import sweep
 from mechtests.core import metrics as M
-from mechtests.core.engine import engine_for
+from mechtests.core.engine import run
+from mechtests.core.sites import component
 from mechtests.suite.claims import holds
 
 
@@ -60,12 +60,12 @@ def test_mean_difference_steers_in_proportion(subject, kind, record):
     res = steering_sweep(subject.model, female, direction, ref.steer_layer, ALPHAS,
                          fam.logit_diff(), pos=end, steer_pos=end)
     record.heatmap(res, title="logit(he) - logit(she) against alpha")
-    gap = float(fam.logit_diff()(engine_for(subject.model).run(male, logits_at=-1)[0]).mean()
+    gap = float(fam.logit_diff()(run(subject.model, male, logits_at=-1)[0]).mean()
                 - res.values[0])
-    holds(res.meta["slope"], ">=", 0.5, "slope of logit(he) - logit(she) against alpha",
+    holds(res.slope, ">=", 0.5, "slope of logit(he) - logit(she) against alpha",
           "adding the direction visibly moves the prediction towards ' he' (half a logit at "
           "alpha = 1)", record, gap=gap)
-    holds(res.meta["r2"], ">=", 0.95, "r^2 of the logit diff against alpha",
+    holds(res.r2, ">=", 0.95, "r^2 of the logit diff against alpha",
           "in proportion to the scale added", record)
 
 
@@ -76,11 +76,11 @@ def test_most_separating_neuron_pushes_towards_its_pronoun(subject, kind, record
     record.components([f"mlp_{ref.neuron_layer}"])
     end = fam.positions["END"]
     sep = separating_neurons(subject.model, fam.clean, fam.corrupted, ref.neuron_layer, end, end)
-    neuron = int(sep.top_k(1)[0][0].split(".")[1])
-    patched = sweep(engine_for(subject.model), "mlp_post", fam.clean, fam.corrupted,
+    neuron = component(f"mlp{sep.top_k(1)[0][0]}").index  # top label "L.N"
+    patched = sweep(subject.model, "mlp_post", fam.clean, fam.corrupted,
                     fam.logit_diff(), by=("layer", "neuron"), layers=[ref.neuron_layer],
                     neurons=[neuron])
-    moved = patched.per_prompt.reshape(-1) - torch.tensor(patched.meta["corrupted_per_prompt"])
+    moved = patched.per_prompt.reshape(-1) - patched.corrupted_per_prompt
     est = M.estimate(moved)
     holds(est.ci_low, ">", 0.0,
           f"change in logit(he) - logit(she) from neuron {ref.neuron_layer}.{neuron} (male "

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mechtests.analysis.heads import repeated_random_tokens
+from mechtests.analysis.heads import offset_scores, repeat_loss, repeated_random_tokens
 from mechtests.core import sites
-from mechtests.core.engine import engine_for
 from mechtests.core.result import Result
 from mechtests.suite.claims import effect_size, holds, reference
 from mechtests.suite.roles import Cast, Role, by_head, cast, verdict
@@ -79,27 +78,9 @@ def repeated_tokens(model, ref: Induction, seed: int) -> torch.Tensor:
                                   bos=bos)
 
 
-def scores(model, tokens: torch.Tensor, n: int, kind: str, offset: int, bos: bool) -> Result:
-    """Mean attention, per head, from each second-copy token to the token ``offset`` after its
-    earlier copy (``induction``; offset 1 is TransformerLens's induction score) or from each
-    token to the one ``offset`` back (``lookback``; offset 1 is the previous-token score)."""
-    L = model.cfg.n_layers
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
-    with torch.no_grad():
-        _, acts = engine_for(model).run(tokens, names)
-    pattern = torch.stack([acts[n_] for n_ in names], 1)  # [batch, layer, head, dest, src]
-    s = int(bos)
-    if kind == "induction":
-        q = torch.arange(s + n, s + 2 * n - max(0, offset - 1))
-        k = q - n + offset
-    else:
-        q = torch.arange(s + offset, s + 2 * n)
-        k = q - offset
-    per_prompt = pattern[:, :, :, q, k].mean(-1)
-    labels = {"layer": [str(i) for i in range(L)],
-              "head": [str(i) for i in range(model.cfg.n_heads)]}
-    return Result(f"{kind} score (offset {offset})", ("layer", "head"), labels,
-                  per_prompt.mean(0), per_prompt)
+def scores(model, tokens: torch.Tensor, kind: str, ref: Induction) -> Result:
+    """``heads.offset_scores`` at the reference's offset (``induction`` or ``lookback``)."""
+    return offset_scores(model, tokens, kind, ref.offset, bos=ref.bos)
 
 
 INDUCTION = Role("induction heads", "the heads beyond layer 0 with the highest induction "
@@ -121,7 +102,7 @@ def test_induction_heads_attend_to_the_token_after_the_earlier_copy(subject, rec
     scores) each score at least the floor; on the reference they are the named heads."""
     name, ref = reference(subject, REFS)
     tokens = repeated_tokens(subject.model, ref, seed=0)
-    ind = scores(subject.model, tokens, ref.n_tokens, "induction", ref.offset, ref.bos)
+    ind = scores(subject.model, tokens, "induction", ref)
     record.heatmap(ind, title=f"induction score (offset {ref.offset})")
     heads = induction_heads(subject, name, ref, ind, record)
     record.components(list(heads.components), breaks=("qk",))  # where the heads look
@@ -141,9 +122,9 @@ def test_a_previous_token_head_feeds_them(subject, record, pin):
     heads) clears the floor; on the reference it is the named head."""
     name, ref = reference(subject, REFS)
     tokens = repeated_tokens(subject.model, ref, seed=0)
-    back = scores(subject.model, tokens, ref.n_tokens, "lookback", ref.offset, ref.bos)
+    back = scores(subject.model, tokens, "lookback", ref)
     record.heatmap(back, title=f"look-back score (offset {ref.offset})")
-    ind = scores(subject.model, tokens, ref.n_tokens, "induction", ref.offset, ref.bos)
+    ind = scores(subject.model, tokens, "induction", ref)
     heads = induction_heads(subject, name, ref, ind, record)
     first = min((h.layer for h in sites.heads(heads.components)), default=0)
     lookback = cast(subject, name, LOOKBACK, ref.lookback_heads, by_head(back), record,
@@ -162,26 +143,10 @@ def test_a_previous_token_head_feeds_them(subject, record, pin):
     pin(back, "previous_token_scores")
 
 
-def repeat_loss(model, tokens: torch.Tensor, n_tokens: int, heads: tuple[str, ...] = ()
-                ) -> torch.Tensor:
-    """Mean next-token loss over the second copy, with ``heads`` zero-ablated (their z)."""
-    engine = engine_for(model)
-    by_layer: dict[int, list[int]] = {}
-    for head in sites.heads(heads):
-        by_layer.setdefault(head.layer, []).append(head.head)
-
-    def zero(hs: list[int]):
-        def edit(z: torch.Tensor) -> torch.Tensor:
-            z = z.clone()
-            z[:, :, hs] = 0
-            return z
-        return edit
-
-    edits = {f"blocks.{layer}.attn.hook_z": zero(hs) for layer, hs in by_layer.items()}
-    with torch.no_grad():
-        logits, _ = engine.run(tokens, edits=edits)
-    lp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    return -lp[:, -(n_tokens - 1):].mean(1)  # predictions of the second copy's tokens 2..n
+def second_copy_loss(model, tokens: torch.Tensor, ref: Induction, heads=()) -> float:
+    """Mean loss over the second copy's tokens 2..n, ``heads`` zero-ablated
+    (``heads.repeat_loss``)."""
+    return repeat_loss(model, tokens, heads, bos=ref.bos).at(copy="second")
 
 
 @pytest.mark.claim(id="induction.ablation", source=SOURCE, subjects=SUBJECTS)
@@ -190,19 +155,19 @@ def test_knocking_out_induction_heads_raises_repeat_loss(subject, record):
     of that is real: the set alone asserted only its strongest member (organism: every pair
     with 1.3 passed, every pair without it failed, nothing checked 1.2)."""
     name, ref = reference(subject, REFS)
-    ind = scores(subject.model, repeated_tokens(subject.model, ref, seed=0), ref.n_tokens,
-                 "induction", ref.offset, ref.bos)
+    ind = scores(subject.model, repeated_tokens(subject.model, ref, seed=0), "induction", ref)
     cast_ = induction_heads(subject, name, ref, ind, record)
     record.components(list(cast_.components))
     tokens = repeated_tokens(subject.model, ref, seed=1)
-    before = float(repeat_loss(subject.model, tokens, ref.n_tokens).mean())
+    clean = repeat_loss(subject.model, tokens, bos=ref.bos)
+    before = clean.at(copy="second")
     # guard: the model must predict the repeat far better than the first copy, else there is
     # no induction effect to knock out
-    effect_size(first_copy_loss(subject.model, tokens, ref.n_tokens, ref.bos), before,
+    effect_size(clean.at(copy="first"), before,
                 "first-copy minus repeat-half loss (nats)", record)
 
     def check(heads):
-        after = float(repeat_loss(subject.model, tokens, ref.n_tokens, heads).mean())
+        after = second_copy_loss(subject.model, tokens, ref, heads)
         # The repeated half is nearly free to predict with induction (GPT-2: ~0.18 nats
         # against ~12 for the first half); without it, it is a random token again. Doubling
         # the loss plus one nat is far below that gap and far above run-to-run noise.
@@ -212,7 +177,7 @@ def test_knocking_out_induction_heads_raises_repeat_loss(subject, record):
               "noise", record, before=before, heads=list(heads))
         for head in heads:
             rest = tuple(h for h in heads if h != head)
-            without = float(repeat_loss(subject.model, tokens, ref.n_tokens, rest).mean())
+            without = second_copy_loss(subject.model, tokens, ref, rest)
             holds(after - without, ">=", 1.0,
                   f"repeat-half loss added by knocking out {head} on top of the other named "
                   "heads", "each named head carries at least one nat of the effect itself (the "
@@ -220,14 +185,6 @@ def test_knocking_out_induction_heads_raises_repeat_loss(subject, record):
                   without_it=without)
 
     verdict(cast_, check, record)
-
-
-def first_copy_loss(model, tokens: torch.Tensor, n_tokens: int, bos: bool) -> float:
-    """Mean next-token loss over the first copy (tokens 2..n): no repeat to copy from yet."""
-    logits, _ = engine_for(model).run(tokens)
-    lp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    s = int(bos)
-    return float(-lp[:, s: s + n_tokens - 1].mean())  # lp[:, j] predicts token j + 1
 
 
 # Not asserted on the prose organism: on this claim's fixed 10-token random segments its
@@ -256,7 +213,7 @@ def test_some_head_does_induction(subject, record):
                                     bos=model.tokenizer.bos_token_id)
     found, clearing = [], set()
     for off in (1, 2, 3):
-        later = scores(model, tokens, n, "induction", off, bos).values[1:]  # layers 1..L-1
+        later = offset_scores(model, tokens, "induction", off, bos=bos).values[1:]  # layers 1..
         value, flat = later.flatten().max(0)
         layer, head = divmod(int(flat), model.cfg.n_heads)
         found.append((float(value), f"{layer + 1}.{head}", off))

@@ -31,7 +31,7 @@ from mechtests.analysis.heads import attention_between
 from mechtests.analysis.patching import ablate
 from mechtests.core import metrics as M
 from mechtests.core import sites
-from mechtests.core.engine import engine_for
+from mechtests.core.engine import run
 from mechtests.core.result import Result
 from mechtests.suite.claims import holds, reference
 from mechtests.suite.roles import Cast, Role, by_head, cast, verdict
@@ -71,7 +71,7 @@ FAMILIES = kinds("ioi")
 
 
 def _logit_diff(subject, tokens, fam) -> M.Estimate:
-    logits, _ = engine_for(subject.model).run(tokens, logits_at=-1)
+    logits, _ = run(subject.model, tokens, logits_at=-1)
     return M.evaluate(fam.logit_diff(), logits, [p.clean for p in fam.family.prompts])
 
 
@@ -175,18 +175,18 @@ def test_knocking_out_name_movers_lowers_logit_diff(subject, kind, record):
     ref, fam = measured_on("ioi", subject, REFS, kind, record)
     movers, _ = name_movers(subject, ref, fam, record)
     record.components(list(movers.components))
-    engine = engine_for(subject.model)
     before = _logit_diff(subject, fam.clean, fam).mean
     cfg = subject.model.cfg
     # every head of the earliest layer a mover sits in here or in the reference, and after
     low = min(h.layer for h in sites.heads((*movers.found, *movers.expected)))
-    every = [f"{layer}.{h}" for layer in range(low, cfg.n_layers) for h in range(cfg.n_heads)]
-    single = ablate(engine, fam.clean, every, fam.logit_diff(), how="mean",
+    every = [str(sites.Head(layer, h)) for layer in range(low, cfg.n_layers)
+             for h in range(cfg.n_heads)]
+    single = ablate(subject.model, fam.clean, every, fam.logit_diff(), how="mean",
                     reference=fam.corrupted)
     drops = {h: (before - float(v)) / before for h, v in zip(every, single.values)}
 
     def check(names):
-        knocked = ablate(engine, fam.clean, list(names), fam.logit_diff(), how="mean",
+        knocked = ablate(subject.model, fam.clean, list(names), fam.logit_diff(), how="mean",
                          reference=fam.corrupted, together=True)
         after = float(knocked.values.reshape(-1)[0])
         holds((before - after) / before, ">=", ref.min_knockout_drop,

@@ -17,7 +17,6 @@ import pytest
 from claims.families import measured_on
 from mechtests.analysis.attribution import logit_attribution, logit_lens
 from mechtests.analysis.patching import ablate
-from mechtests.core.engine import engine_for
 from mechtests.suite.claims import holds, holds_set
 
 
@@ -93,13 +92,12 @@ def test_one_attention_layer_writes_the_answer(subject, record, pin):
                   "GPT-2's attn_11 writes -1.442 against the answer, the most negative", record)
     # ablation agrees with attribution: mean-ablating the top component costs more than
     # mean-ablating any MLP layer (GPT-2's MLPs each attribute under 0.16 of 3.55)
-    engine = engine_for(subject.model)
     layers = range(subject.model.cfg.n_layers)
     top = ref.top_components[0]
     comps = [top] + [f"mlp_{i}" for i in layers]
-    ablated = ablate(engine, fam.clean, comps, fam.logit_diff(), how="mean",
+    ablated = ablate(subject.model, fam.clean, comps, fam.logit_diff(), how="mean",
                      reference=fam.corrupted)
-    loss = {c: ablated.meta["clean"] - float(v) for c, v in zip(comps, ablated.values)}
+    loss = {c: ablated.clean - float(v) for c, v in zip(comps, ablated.values)}
     worst_mlp = max((c for c in comps[1:]), key=lambda c: loss[c])
     holds(loss[top] - loss[worst_mlp], ">", 0.0,
           f"logit diff lost ablating {top} minus ablating {worst_mlp}",

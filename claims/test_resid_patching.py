@@ -19,7 +19,6 @@ import torch
 
 from claims.families import kinds, measured_on
 from mechtests.analysis.patching import sweep
-from mechtests.core.engine import engine_for
 from mechtests.suite.claims import holds, reference
 
 
@@ -52,9 +51,9 @@ SUBJECTS = list(REFS)
 
 def restoration(subject, kind, record=None):
     ref, fam = measured_on("recall", subject, REFS, kind, record)
-    result = sweep(engine_for(subject.model), "resid_pre", fam.clean, fam.corrupted,
+    result = sweep(subject.model, "resid_pre", fam.clean, fam.corrupted,
                    fam.logit_diff(), by=("layer", "pos"))
-    norm = result.normalized(result.meta["clean"], result.meta["corrupted"])
+    norm = result.restored()
     return ref, fam, norm
 
 

@@ -22,7 +22,7 @@ they move; 0.0 and 0.3 neither (FINDINGS.md).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import pytest
 import torch
@@ -30,7 +30,8 @@ import torch
 from mechtests.analysis.heads import ov_circuit, qk_circuit
 from mechtests.analysis.patching import sweep
 from mechtests.core import metrics as M
-from mechtests.core.engine import engine_for
+from mechtests.core.engine import run
+from mechtests.core.sites import Head, heads
 from mechtests.organisms import skip_trigram as S
 from mechtests.suite.claims import effect_size, holds, holds_set, reference
 
@@ -59,7 +60,7 @@ def read_off(model, head: str) -> set[tuple[str, str, str]]:
     """The skip-trigrams (A, B, C) a head implements, from its weights alone: B's query scores
     A's key above every filler's (so B attends to A over its context), and C is among the
     ``OV_TOP`` largest logits the head writes when it copies A (over the whole vocabulary)."""
-    layer, h = (int(x) for x in head.split("."))
+    layer, h = astuple(Head.parse(head))
     openers, triggers, fillers = list(S.RULES), list(S.TRIGGERS), list(S.FILLERS)
     qk = qk_circuit(model, layer, h, _ids(model, triggers), _ids(model, openers + fillers),
                     POSITIONS).values
@@ -128,24 +129,23 @@ def test_patching_the_heads_moves_the_completion(subject, record, pin):
     as the swapped run's top prediction."""
     _, ref = reference(subject, REFS)
     record.components(list(ref.heads), together=True)
-    engine = engine_for(subject.model)
     H, layer = subject.model.cfg.n_heads, 0
-    named = [int(h.split(".")[1]) for h in ref.heads]
+    named = [h.head for h in heads(ref.heads)]
     clean, corrupted, ans, cf = opener_swaps(subject.model)
     metric = M.logit_diff(ans, cf)
-    each = sweep(engine, "z", clean, corrupted, metric, by=("layer", "head"))
-    clean_v, corr_v = each.meta["clean"], each.meta["corrupted"]
+    each = sweep(subject.model, "z", clean, corrupted, metric, by=("layer", "head"))
+    clean_v, corr_v = each.clean, each.corrupted
     effect_size(clean_v, corr_v,
                 "clean minus swapped-opener logit diff", record)
     site = f"blocks.{layer}.attn.hook_z"
-    src = engine.run(clean, [site])[1][site]
+    src = run(subject.model, clean, [site])[1][site]
 
     def put(z: torch.Tensor) -> torch.Tensor:  # the named heads patched together
         z = z.clone()
         z[:, :, named] = src[:, :, named]
         return z
 
-    logits, _ = engine.run(corrupted, logits_at=-1, edits={site: put})
+    logits, _ = run(subject.model, corrupted, logits_at=-1, edits={site: put})
     restored = float(M.restoration(metric(logits).mean(), clean_v, corr_v))
     per_head = each.normalized(clean_v, corr_v)
     record.heatmap(per_head, title="restoration per head (opener swapped)")

@@ -16,7 +16,6 @@ import torch
 
 from claims.families import _organism, family
 from mechtests.analysis.patching import sweep
-from mechtests.core.engine import engine_for
 from mechtests.organisms import language as lang
 from mechtests.suite.claims import effect_size, holds, reference
 
@@ -63,13 +62,13 @@ def test_story_positions_carry_the_answer(subject, task, kind, record, pin):
     noise = random_tokens_like(tf.clean, min(subject.model.cfg.d_vocab, 20000))
     if fam.prepend_bos:
         noise[:, 0] = tf.clean[:, 0]
-    res = sweep(engine_for(subject.model), "resid_pre", tf.clean, noise, tf.logit_diff(),
+    res = sweep(subject.model, "resid_pre", tf.clean, noise, tf.logit_diff(),
                 by=("layer", "pos"), layers=[0], direction="noise")
     # guard: randomising the whole prompt must cost the answer at least a logit, else ranking
     # positions by what randomising one costs ranks noise
-    effect_size(res.meta["clean"], res.meta["corrupted"],
+    effect_size(res.clean, res.corrupted,
                 "logit diff, clean prompts minus fully randomised ones", record)
-    drop = torch.tensor(res.meta["clean_per_prompt"])[:, None] - res.per_prompt[:, 0]  # [n, T]
+    drop = res.clean_per_prompt[:, None] - res.per_prompt[:, 0]  # [n, T]
     record.heatmap(res, title=f"logit diff with one position's token randomised ({task})")
     story = STORY[(task, kind)]
     k = len(story)

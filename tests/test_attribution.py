@@ -164,7 +164,7 @@ def test_unembed_null_space_and_neuron_norms(model):
 @pytest.mark.parametrize("how", ["zero", "mean"])
 def test_neuron_ablation_effect_matches_hooked_runs(model, data, how):
     neurons = [0, 5, 7]
-    r = A.neuron_ablation_effect(model, data.toks, 0, neurons, how=how, chunk=2)
+    r = A.neuron_ablation_effect(model, data.toks, 0, neurons, how=how)
     assert r.labels == {"neuron": ["0.0", "0.5", "0.7"], "measure": ["entropy", "top_logit"]}
     clean = data.logits[:, -1]
     top = clean.argmax(-1)

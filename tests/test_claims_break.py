@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechtests.core.models import ORGANISMS
+from mechtests.core.sites import Head
 
 pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +48,7 @@ def zero_heads(organism: str, heads: list[str], out: Path) -> Path:
     cfg = __import__("json").loads((src / "config.json").read_text())
     d_head = cfg["n_embd"] // cfg["n_head"]
     for head in heads:
-        layer, h = (int(x) for x in head.split("."))
+        layer, h = astuple(Head.parse(head))
         w = state[f"transformer.h.{layer}.attn.c_proj.weight"]  # Conv1D: [in = heads*d_head, out]
         w[h * d_head:(h + 1) * d_head] = 0
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -136,3 +136,44 @@ def test_unprocessed_weights_fail_loudly(rich):
     raw.eval()
     with pytest.raises(ValueError, match="enable_compatibility_mode"):
         Engine(raw)
+
+
+def test_fused_paths_equal_hooked_paths(rich):
+    """Without hooks the engine takes fused kernels (F.layer_norm, scaled_dot_product_attention);
+    asking for the scores and the norm's scale forces the hand-written path: same logits."""
+    model, engine, _ = rich
+    tokens = torch.randint(2, model.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(4))
+    fast, _ = engine.run(tokens)
+    slow, acts = engine.run(tokens, [f"blocks.{la}.{s}" for la in range(engine.n_layers)
+                                     for s in ("attn.hook_pattern", "ln1.hook_scale")])
+    assert len(acts) == 2 * engine.n_layers
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_unembed_columns_and_column_metrics(rich):
+    """A metric that declares its columns gets exactly those logits; the sweep equals the same
+    metric written as a plain function of the whole row."""
+    from mechtests.analysis.patching import sweep
+    from mechtests.core.metrics import logit_diff
+
+    model, engine, _ = rich
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randint(2, model.cfg.d_vocab, (3, 7), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 1) % model.cfg.d_vocab
+    x = torch.randn(4, 3, engine.d_model, generator=g)
+    ids = torch.tensor([[1, 5], [2, 3], [7, 0]])
+    full = engine.unembed(x)
+    assert torch.allclose(engine.unembed_columns(x, ids), full.gather(
+        -1, ids.expand(4, 3, 2)), atol=1e-5)
+    assert torch.allclose(engine.unembed_columns(x, ids[0]), full[..., ids[0]], atol=1e-5)
+    with pytest.raises(ValueError, match="beyond the vocabulary"):
+        engine.unembed_columns(x, torch.tensor([model.cfg.d_vocab]))
+    metric = logit_diff(ids[:, 0], ids[:, 1])
+    assert metric.reads.shape == (3, 2)
+    plain = lambda lg: metric(lg)  # noqa: E731  (no .reads: the whole row)
+    for site in ("resid_pre", "z"):
+        a, b = sweep(engine, site, clean, corrupted, metric), sweep(engine, site, clean,
+                                                                   corrupted, plain)
+        assert torch.allclose(a.per_prompt, b.per_prompt, atol=1e-5)
+        assert a.per_prompt.abs().max() > 1e-3

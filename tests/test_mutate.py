@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mechtests.core.engine import engine_for
+from mechtests.core.models import remember, spec_of
 from mechtests.suite import mutate as mu
 
 pytest_plugins = ["pytester"]
@@ -118,12 +119,14 @@ def test_mutate_reports_kill_matrix_and_bad_input(pytester, tiny_model_dir):
 
 
 def test_a_model_mutants_cannot_be_built_for_gets_a_message(tiny_model, tmp_path):
-    shutil.copytree(tiny_model.mechtests_spec.path, tmp_path / "m")
+    shutil.copytree(spec_of(tiny_model).path, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
 
     class Fake:
-        mechtests_spec = type(tiny_model.mechtests_spec)("m", tmp_path / "m", "m")
+        pass
 
+    fake = Fake()
+    remember(fake, type(spec_of(tiny_model))("m", tmp_path / "m", "m"))
     with pytest.raises(mu.MutationError, match="GPT-2-architecture checkpoints only"):
-        mu.build_mutant(Fake(), mu.Mutant("noise", "hold", mu.noise_all))
+        mu.build_mutant(fake, mu.Mutant("noise", "hold", mu.noise_all))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
 import torch
 
 from mechtests.core.models import CheckpointError, load_model
+from mechtests.core.sites import Head
 from mechtests.organisms import analysis as A
 from mechtests.organisms import findings, fixture_dir
 from mechtests.organisms import language as lang
@@ -49,7 +51,7 @@ def _copy_with(tmp_path: Path, name: str, edit) -> Path:
 def _zero_heads(sd: dict, heads: list[str], n_heads: int) -> None:
     """Zero the output weights (attn.c_proj rows) of heads ``"L.H"`` in a GPT-2 state dict."""
     for head in heads:
-        layer, h = (int(x) for x in head.split("."))
+        layer, h = astuple(Head.parse(head))
         w = sd[f"transformer.h.{layer}.attn.c_proj.weight"]  # Conv1D: [d_model in, d_model out]
         d_head = w.shape[0] // n_heads
         w[h * d_head:(h + 1) * d_head] = 0.0

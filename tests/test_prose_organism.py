@@ -55,7 +55,6 @@ def test_a_few_steps_train_save_load_and_analyse(tmp_path):
     history recorded), saving as an ordinary checkpoint, loading it as a user's, and the
     findings from the library's tools."""
     from mechtests.core.models import load_model
-    from mechtests.organisms.prose_findings import render, write_findings
 
     r = P.ProseRecipe(steps=4, corpus_chars=200_000, eval_every=2, batch=4)
     model, tok, history = P.train(r, log=lambda s: None)
@@ -65,11 +64,11 @@ def test_a_few_steps_train_save_load_and_analyse(tmp_path):
     P.save(model, tok, r, history, out)
     loaded = load_model(str(out), device="cpu")
     assert loaded.cfg.n_layers == 2 and loaded.cfg.d_vocab == r.vocab_size
-    text = write_findings(out)
+    text = P.write_findings(out)
     assert "Induction heads" in text and (out / "findings.json").is_file()
     f = __import__("json").loads((out / "findings.json").read_text())
     assert set(f["ablate_each_head"]) == {f"{la}.{h}" for la in range(2) for h in range(4)}
-    assert render(f, {}).startswith("# Findings: prose")
+    assert P.render(f, {}).startswith("# Findings: prose")
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent

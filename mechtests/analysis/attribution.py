@@ -15,106 +15,21 @@ from typing import Any
 
 import torch
 
+from mechtests.analysis._common import (
+    Pos,
+    Tokens,
+    _at,
+    _check_layer,
+    _engine,
+    _labels,
+    _positions,
+    _run,
+    _tokens,
+)
+from mechtests.analysis.patching import ablate, resid_interventions
+from mechtests.core.engine import centre_and_scale
 from mechtests.core.result import Result
-
-Tokens = torch.Tensor | str | Sequence[str]
-Pos = int | torch.Tensor | Sequence[int] | None
-Edit = Callable[[torch.Tensor], torch.Tensor]
-
-
-# -- plumbing: every forward goes through _run / _run_edited ----------------------------------
-def _engine(model: Any) -> Any:
-    """The model's cached ``Engine``; None only for a GPT-2-style model outside compatibility
-    mode, which runs through the bridge's own (TransformerLens) hooks.
-
-    An architecture the engine cannot run exactly raises ``UnsupportedArchitecture`` (a
-    ``NotImplementedError``) naming what the model has: never a fallback to hooks whose
-    numbers the suite has not checked.
-    """
-    from mechtests.core.engine import Engine, EngineMismatch, engine_for
-
-    if isinstance(model, Engine):
-        return model
-    try:
-        return engine_for(model)
-    except EngineMismatch:
-        if getattr(model, "compatibility_mode", False):
-            raise
-        return None
-
-
-def _run(model: Any, tokens: torch.Tensor, sites: Sequence[str],
-         edits: dict[str, Edit] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits [n, T, V] and activations at ``sites`` (TL hook names, TL shapes), one forward.
-
-    ``edits`` maps hook names to ``act -> new act`` (like TL forward hooks).
-    """
-    eng = _engine(model)
-    with torch.no_grad():
-        if eng is not None:
-            logits, acts = eng.run(tokens, sites, edits=edits)
-            return logits, {s: acts[s] for s in sites}
-        want = set(sites)
-        hooks = [(k, lambda act, hook, f=f: f(act)) for k, f in (edits or {}).items()]
-        with model.hooks(fwd_hooks=hooks):
-            logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in want)
-    missing = want - set(cache.keys())
-    if missing:
-        raise KeyError(f"hook sites {sorted(missing)} were not recorded; check the names "
-                       f"(e.g. 'blocks.0.hook_resid_pre', 'blocks.0.attn.hook_pattern')")
-    return logits.detach(), {s: cache[s].detach() for s in sites}
-
-
-def _tokens(model: Any, tokens: Tokens) -> torch.Tensor:
-    """A [n_prompts, T] LongTensor on the model's device (strings go through ``to_tokens``)."""
-    if isinstance(tokens, str) or (isinstance(tokens, Sequence) and tokens
-                                   and isinstance(tokens[0], str)):
-        tokens = model.to_tokens(tokens)
-    tokens = torch.as_tensor(tokens)
-    if tokens.dim() == 1:
-        tokens = tokens[None]
-    if tokens.dim() != 2 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must have shape [n_prompts, T] with T > 0, got "
-                         f"{tuple(tokens.shape)}")
-    return tokens.long().to(model.cfg.device)
-
-
-def _positions(pos: Pos, tokens: torch.Tensor, what: str = "pos") -> torch.Tensor:
-    """One read position per prompt ([n] LongTensor, non-negative); None means the last token."""
-    n, t = tokens.shape
-    if pos is None:
-        pos = -1
-    p = torch.as_tensor(pos, dtype=torch.long).flatten().to(tokens.device)
-    if p.numel() == 1:
-        p = p.expand(n)
-    if p.numel() != n:
-        raise ValueError(f"{what}: got {p.numel()} positions for {n} prompts; give one per prompt "
-                         f"or a single int")
-    bad = (p >= t) | (p < -t)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"{what}: position {int(p[i])} of prompt {i} is beyond the prompt "
-                         f"length {t}; positions run 0..{t - 1} (or -{t}..-1 from the end)")
-    return torch.where(p < 0, p + t, p)
-
-
-def _at(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x[b, pos[b], ...] for every prompt b."""
-    return x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)]
-
-
-def _check_layer(model: Any, layer: int, upto: int | None = None) -> int:
-    n = model.cfg.n_layers if upto is None else upto
-    if not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"unknown layer {layer!r}: the model has layers 0..{n - 1}")
-    return layer % n
-
-
-def _check_head(model: Any, head: int) -> int:
-    h = model.cfg.n_heads
-    if not isinstance(head, int) or not 0 <= head < h:
-        raise ValueError(f"unknown head {head!r}: each layer has heads 0..{h - 1}")
-    return head
+from mechtests.core.sites import Neuron
 
 
 def _compat(model: Any) -> None:
@@ -144,10 +59,6 @@ def _rms(model: Any) -> bool:
 def _eps(model: Any) -> float:
     eng = _engine(model)
     return eng.eps if eng is not None else model.cfg.eps
-
-
-def _labels(n: int) -> list[str]:
-    return [str(i) for i in range(n)]
 
 
 def logit_direction(model: Any, answer_ids: torch.Tensor,
@@ -293,10 +204,9 @@ def logit_lens(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
     labels, sites = _resid_sites(model.cfg.n_layers, incl_mid)
     logits, acts = _run(model, toks, [*sites, "ln_final.hook_scale"])
     x = torch.stack([_at(acts[s], p) for s in sites], 1)                       # [n, S, d]
-    if not _rms(model):
-        x = x - x.mean(-1, keepdim=True)
+    x, scale = centre_and_scale(x, _eps(model), _rms(model))                   # [n, S, 1]
     if recompute_ln:
-        scale = (x.pow(2).mean(-1) + _eps(model)).sqrt()                       # [n, S]
+        scale = scale[..., 0]                                                  # [n, S]
     else:
         scale = _at(acts["ln_final.hook_scale"], p)[:, 0, None]                # [n, 1]
     per = torch.einsum("nsd,nd->ns", x, d) / scale + bias[:, None]
@@ -362,13 +272,13 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def neuron_ablation_effect(model: Any, tokens: Tokens, layer: int, neurons: Sequence[int],
-                           how: str = "zero", pos: Pos = None, chunk: int = 16) -> Result:
+                           how: str = "zero", pos: Pos = None) -> Result:
     """Change in next-token entropy and in the clean top token's logit when a neuron is ablated.
 
     Each neuron is ablated alone, at every position, to zero or to its mean activation over all
     prompts and positions of ``tokens``; effects (ablated - clean) are read at ``pos``. Axes
-    ``("neuron", "measure")`` with measures ``entropy`` and ``top_logit``. Neurons are batched,
-    ``chunk`` at a time, in one forward each.
+    ``("neuron", "measure")`` with measures ``entropy`` and ``top_logit``. Runs through the
+    patching core (``patching.ablate``), all neurons batched.
     """
     if how not in ("zero", "mean"):
         raise ValueError(f"how={how!r}: choose 'zero' or 'mean'")
@@ -379,31 +289,18 @@ def neuron_ablation_effect(model: Any, tokens: Tokens, layer: int, neurons: Sequ
     d_mlp = model.cfg.d_mlp
     if idx.numel() == 0 or (idx < 0).any() or (idx >= d_mlp).any():
         raise ValueError(f"neurons {idx.tolist()}: give at least one, each in 0..{d_mlp - 1}")
-    site = f"blocks.{layer}.mlp.hook_post"
-    logits, acts = _run(model, toks, [site])
-    clean = _at(logits, p)                                                     # [n, V]
-    top = clean.argmax(-1)
-    mean_act = acts[site].mean((0, 1))                                         # [m]
-    n = toks.shape[0]
-    out = []
-    for i in range(0, idx.numel(), chunk):
-        part = idx[i:i + chunk].to(toks.device)
-        k = part.numel()
-        mask = torch.zeros(k, 1, 1, d_mlp, device=toks.device, dtype=mean_act.dtype)
-        mask[torch.arange(k), 0, 0, part] = 1.0
-        value = mean_act if how == "mean" else torch.zeros_like(mean_act)
+    top = _at(_run(model, toks, [])[0], p).argmax(-1)                          # [n]
+    comps = [str(Neuron(layer, j)) for j in idx.tolist()]
 
-        def ablate(act, mask=mask, value=value, k=k):
-            a = act.view(k, n, *act.shape[1:])
-            return (a * (1 - mask) + mask * value).view_as(act)
+    def top_logit(lg: torch.Tensor) -> torch.Tensor:
+        return lg.gather(-1, top.expand(lg.shape[:-1])[..., None])[..., 0]
 
-        lg = _run(model, toks.repeat(k, 1), [], {site: ablate})[0]
-        lg = lg.view(k, n, *lg.shape[1:])[:, torch.arange(n), p]               # [k, n, V]
-        d_ent = _entropy(lg) - _entropy(clean)
-        d_top = lg.gather(-1, top.expand(k, n)[..., None])[..., 0] - clean.gather(
-            -1, top[:, None])[:, 0]
-        out.append(torch.stack([d_ent, d_top], -1))                            # [k, n, 2]
-    per = torch.cat(out, 0).transpose(0, 1)                                    # [n, K, 2]
+    per = []
+    for metric in (_entropy, top_logit):
+        r = ablate(model, toks, comps, metric, how=how, reference=toks, read_pos=p,
+                   by_position=False)
+        per.append(r.per_prompt - r.clean_per_prompt[:, None])                # [n, K]
+    per = torch.stack(per, -1)                                                 # [n, K, 2]
     labels = {"neuron": [f"{layer}.{j}" for j in idx.tolist()],
               "measure": ["entropy", "top_logit"]}
     return Result(f"neuron {how}-ablation effect", ("neuron", "measure"), labels, per.mean(0),
@@ -453,7 +350,7 @@ def steering_sweep(model: Any, tokens: Tokens, direction: torch.Tensor, layer: i
     """
     toks = _tokens(model, tokens)
     p = _positions(pos, toks)
-    name = _resid_site(model, layer, site)
+    _resid_site(model, layer, site)  # checks the site and the layer
     n, t = toks.shape
     a = torch.as_tensor(list(alphas), dtype=torch.float32, device=toks.device)
     direction = torch.as_tensor(direction, dtype=torch.float32, device=toks.device).flatten()
@@ -465,15 +362,8 @@ def steering_sweep(model: Any, tokens: Tokens, direction: torch.Tensor, layer: i
         sp = _positions(steer_pos, toks, "steer_pos")
         where = torch.zeros(n, t, device=toks.device)
         where[torch.arange(n), sp] = 1.0
-    k = a.numel()
     add = a[:, None, None, None] * where[None, :, :, None] * direction         # [k, n, t, d]
-
-    def steer(act):
-        return act + add.reshape(act.shape).to(act.dtype)
-
-    lg = _run(model, toks.repeat(k, 1), [], {name: steer})[0]
-    lg = lg.view(k, n, t, -1)[:, torch.arange(n), p]                            # [k, n, V]
-    per = metric(lg).T                                                          # [n, k]
+    per = resid_interventions(model, toks, site, layer, add, metric, read_pos=p).T  # [n, k]
     mean = per.mean(0)
     ac = a.cpu() - a.cpu().mean()
     mc = mean - mean.mean()

@@ -9,11 +9,12 @@ for a list of prompts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from mechtests.analysis.attribution import (
+from mechtests.analysis._common import (
     Pos,
     Tokens,
     _check_head,
@@ -23,9 +24,11 @@ from mechtests.analysis.attribution import (
     _run,
     _tokens,
 )
+from mechtests.core.engine import normalize
 from mechtests.core.result import Result
 
 KINDS = ("previous_token", "duplicate_token", "induction")
+OFFSET_KINDS = ("lookback", "induction")
 
 
 def repeated_random_tokens(n_tokens: int, batch: int = 4, seed: int = 0,
@@ -77,7 +80,7 @@ def detection_pattern(tokens: torch.Tensor, kind: str) -> torch.Tensor:
 WEIGHTINGS = ("attention", "norm")
 
 
-def _patterns(model: Any, toks: torch.Tensor, weighting: str = "attention") -> torch.Tensor:
+def patterns(model: Any, tokens: Tokens, weighting: str = "attention") -> torch.Tensor:
     """All attention patterns of one batched run: [n, layer, head, dest, src].
 
     ``weighting="norm"``: Kobayashi et al. 2020's norm-based view, ``||alpha_ij f(x_j)||`` with
@@ -89,6 +92,7 @@ def _patterns(model: Any, toks: torch.Tensor, weighting: str = "attention") -> t
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r}: choose 'attention' (the raw pattern) or "
                          f"'norm' (Kobayashi et al. 2020, ||alpha f(x)||)")
+    toks = _tokens(model, tokens)
     L = model.cfg.n_layers
     sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
     vsites = [f"blocks.{layer}.attn.hook_v" for layer in range(L)] if weighting == "norm" else []
@@ -102,6 +106,30 @@ def _patterns(model: Any, toks: torch.Tensor, weighting: str = "attention") -> t
     return pat
 
 
+def score_patterns(pat: torch.Tensor, tokens: torch.Tensor, kind: str, over: str = "all",
+                   exclude_bos: bool = False, exclude_current_token: bool = False
+                   ) -> torch.Tensor:
+    """``head_scores``' arithmetic on given patterns ``[n, L, H, T, T]`` (e.g. a Hugging Face
+    model's ``output_attentions`` stacked): per-prompt scores ``[n, L, H]``."""
+    if over not in ("all", "targets"):
+        raise ValueError(f"over={over!r}: choose 'all' (TL's detector) or 'targets'")
+    det = detection_pattern(tokens, kind).to(pat.device)[:, None, None]        # [n,1,1,T,T]
+    if exclude_bos:
+        pat = pat.clone()
+        pat[..., 0] = 0
+    if exclude_current_token:
+        pat = pat * (1 - torch.eye(tokens.shape[1], device=pat.device))
+    hit, mass = (pat * det).sum(-1), pat.sum(-1)                               # [n, L, H, T]
+    if over == "all":
+        return hit.sum(-1) / mass.sum(-1)
+    rows = det.sum(-1) > 0                                                     # [n,1,1,T]
+    if not rows.any():
+        raise ValueError(f"no query position has a target for {kind!r} in these prompts; "
+                         f"use repeated tokens (repeated_random_tokens)")
+    ratio = torch.where(rows, hit / mass.clamp_min(1e-30), torch.zeros_like(hit))
+    return ratio.sum(-1) / rows.sum(-1).clamp_min(1)
+
+
 def head_scores(model: Any, tokens: Tokens, kind: str, exclude_bos: bool = False,
                 exclude_current_token: bool = False, over: str = "all",
                 weighting: str = "attention") -> Result:
@@ -112,29 +140,12 @@ def head_scores(model: Any, tokens: Tokens, kind: str, exclude_bos: bool = False
     n/(2n+1) on BOS + repeated tokens). ``over='targets'`` averages only the query rows that
     have a marked key (e.g. the mean attention of each second-half token to the token after its
     earlier copy). ``weighting="norm"`` scores the norm-based view instead of the raw pattern
-    (see ``_patterns``): the share of what the head moves that comes from the marked keys.
+    (see ``patterns``): the share of what the head moves that comes from the marked keys.
     Axes ``(layer, head)``; per_prompt has one row per prompt.
     """
-    if over not in ("all", "targets"):
-        raise ValueError(f"over={over!r}: choose 'all' (TL's detector) or 'targets'")
     toks = _tokens(model, tokens)
-    det = detection_pattern(toks, kind).to(toks.device)[:, None, None]         # [n,1,1,T,T]
-    pat = _patterns(model, toks, weighting)
-    if exclude_bos:
-        pat = pat.clone()
-        pat[..., 0] = 0
-    if exclude_current_token:
-        pat = pat * (1 - torch.eye(toks.shape[1], device=pat.device))
-    hit, mass = (pat * det).sum(-1), pat.sum(-1)                               # [n, L, H, T]
-    if over == "all":
-        per = hit.sum(-1) / mass.sum(-1)
-    else:
-        rows = det.sum(-1) > 0                                                 # [n,1,1,T]
-        if not rows.any():
-            raise ValueError(f"no query position has a target for {kind!r} in these prompts; "
-                             f"use repeated tokens (repeated_random_tokens)")
-        ratio = torch.where(rows, hit / mass.clamp_min(1e-30), torch.zeros_like(hit))
-        per = ratio.sum(-1) / rows.sum(-1).clamp_min(1)
+    per = score_patterns(patterns(model, toks, weighting), toks, kind, over, exclude_bos,
+                         exclude_current_token)
     labels = {"layer": _labels(model.cfg.n_layers), "head": _labels(model.cfg.n_heads)}
     return Result(f"{kind.removesuffix('_head')} score", ("layer", "head"), labels, per.mean(0),
                   per, {"exclude_bos": exclude_bos,
@@ -159,6 +170,90 @@ def induction_scores(model: Any, n_tokens: int = 20, batch: int = 4, seed: int =
     return head_scores(model, toks, "induction", **kw)
 
 
+
+def _bos_and_half(model: Any, toks: torch.Tensor, bos: bool | None, repeated: bool
+                  ) -> tuple[int, int]:
+    """(1 if the prompts start with BOS else 0, length of a repeated segment or 0)."""
+    if bos is None:
+        b = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+        bos = b is not None and bool((toks[:, 0] == b).all())
+    s, T = int(bos), toks.shape[1]
+    if not repeated:
+        return s, 0
+    n = (T - s) // 2
+    if n < 1 or T - s != 2 * n or not torch.equal(toks[:, s:s + n], toks[:, s + n:]):
+        raise ValueError(f"induction scores need [BOS] + segment + the same segment again "
+                         f"(repeated_random_tokens); these {T}-token prompts are not "
+                         f"({'with' if s else 'without'} BOS)")
+    return s, n
+
+
+def offset_scores(model: Any, tokens: Tokens, kind: str, offset: int = 1,
+                  bos: bool | None = None) -> Result:
+    """Per head, mean attention at a fixed lag: a look-back or an offset induction score.
+
+    ``kind="lookback"``: from each token (after BOS) to the token ``offset`` back (offset 1:
+    the previous-token score). ``kind="induction"``: on ``[BOS] + seg + seg``, from each
+    second-copy token to the token ``offset`` after its earlier copy (offset 1:
+    TransformerLens's induction target; 0: the duplicate itself; larger offsets pair with
+    look-back heads of the same lag). Only query rows whose target exists count; the mean is
+    over those rows, then over prompts. ``bos`` (default: the first token is the tokenizer's
+    BOS) keeps BOS out of the rows. Axes ``(layer, head)``.
+    """
+    if kind not in OFFSET_KINDS:
+        raise ValueError(f"kind={kind!r}: choose one of {', '.join(OFFSET_KINDS)}")
+    toks = _tokens(model, tokens)
+    s, n = _bos_and_half(model, toks, bos, kind == "induction")
+    if kind == "induction":
+        if not 0 <= offset < n:
+            raise ValueError(f"offset {offset}: an induction offset runs 0..{n - 1} for a "
+                             f"segment of {n} tokens")
+        q = torch.arange(s + n, s + 2 * n - max(0, offset - 1))
+        k = q - n + offset
+    else:
+        if not 1 <= offset < toks.shape[1] - s:
+            raise ValueError(f"offset {offset}: a look-back offset runs 1..{toks.shape[1] - s - 1}"
+                             f" on these {toks.shape[1]}-token prompts")
+        q = torch.arange(s + offset, toks.shape[1])
+        k = q - offset
+    per = patterns(model, toks)[:, :, :, q, k].mean(-1)                        # [n, L, H]
+    labels = {"layer": _labels(model.cfg.n_layers), "head": _labels(model.cfg.n_heads)}
+    return Result(f"{kind} score (offset {offset})", ("layer", "head"), labels, per.mean(0), per)
+
+
+def repeat_loss(model: Any, tokens: Tokens, ablate: Sequence[str] = (), first_from: int = 2,
+                second_from: int = 2, bos: bool | None = None) -> Result:
+    """Next-token loss (nats) on each copy of ``[BOS] + seg + seg``, components zero-ablated.
+
+    ``first``: the mean over the first copy's tokens ``first_from``..n (default 2: the first
+    has nothing to go on; 1 needs a BOS to predict it from); ``second``: over the second copy's
+    tokens ``second_from``..n (default 2: its first token is as unpredictable as any).
+    ``ablate``: components (``"1.3"``, ``"mlp0"``, ...) zeroed at
+    every position, through the engine (``patching.ablation_edits``). Axis ``copy``;
+    per_prompt has one row per prompt.
+    """
+    from mechtests.analysis.patching import ablation_edits
+    from mechtests.core.engine import engine_for
+
+    toks = _tokens(model, tokens)
+    s, n = _bos_and_half(model, toks, bos, True)
+    engine = engine_for(model)
+    with torch.no_grad():
+        edits = ablation_edits(engine, toks, list(ablate)) if ablate else None
+        logits, _ = engine.run(toks, edits=edits)
+    nll = -logits[:, :-1].float().log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
+    # nll[:, j] is the loss on token j + 1
+    if not (1 <= first_from <= n and 1 <= second_from <= n and s + first_from >= 2):
+        raise ValueError(f"first_from={first_from}, second_from={second_from}: each runs "
+                         f"1..{n} (the segment's tokens), and token 1 of the first copy only "
+                         f"with a BOS before it")
+    first = nll[:, s + first_from - 2:s + n - 1].mean(1)
+    second = nll[:, s + n + second_from - 2:].mean(1)
+    per = torch.stack([first, second], 1)
+    return Result("repeat loss", ("copy",), {"copy": ["first", "second"]}, per.mean(0), per,
+                  {"ablated": [str(c) for c in ablate]})
+
+
 def attention_between(model: Any, tokens: Tokens, from_pos: Pos, to_pos: Pos,
                       weighting: str = "attention") -> Result:
     """Per-head attention from one named position to another (one position per prompt).
@@ -173,7 +268,7 @@ def attention_between(model: Any, tokens: Tokens, from_pos: Pos, to_pos: Pos,
         i = int((k > q).nonzero()[0])
         raise ValueError(f"to_pos {int(k[i])} comes after from_pos {int(q[i])} in prompt {i}; "
                          f"causal attention only looks back, swap the positions")
-    pat = _patterns(model, toks, weighting)                                    # [n, L, H, T, T]
+    pat = patterns(model, toks, weighting)                                    # [n, L, H, T, T]
     if weighting == "norm":
         pat = pat / pat.sum(-1, keepdim=True).clamp_min(1e-30)
     n = toks.shape[0]
@@ -195,7 +290,7 @@ def attention_pattern(model: Any, tokens: Tokens, layer: int, head: int, prompt:
     if not 0 <= prompt < toks.shape[0]:
         raise ValueError(f"prompt {prompt}: there are {toks.shape[0]} prompts")
     toks = toks[prompt:prompt + 1]
-    pat = _patterns(model, toks, weighting)[0, layer, head]
+    pat = patterns(model, toks, weighting)[0, layer, head]
     try:
         words = model.to_str_tokens(toks[0])
     except Exception:  # noqa: BLE001 - a model without a tokenizer still gets index labels
@@ -218,8 +313,7 @@ def _embedded(model: Any, ids: list[int], positions: range | None) -> torch.Tens
     x = model.W_E[ids]
     if positions is not None:
         x = x + model.W_pos[list(positions)].mean(0)
-    x = x - x.mean(-1, keepdim=True)
-    return x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    return normalize(x, model.cfg.eps)
 
 
 def _id_labels(model: Any, ids: list[int]) -> list[str]:
@@ -265,13 +359,18 @@ def ov_circuit(model: Any, layer: int, head: int, sources: list[int],
 
 __all__ = [
     "KINDS",
+    "OFFSET_KINDS",
     "WEIGHTINGS",
     "attention_between",
     "attention_pattern",
     "detection_pattern",
     "head_scores",
     "induction_scores",
+    "offset_scores",
     "ov_circuit",
+    "patterns",
     "qk_circuit",
+    "repeat_loss",
     "repeated_random_tokens",
+    "score_patterns",
 ]

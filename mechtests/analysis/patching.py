@@ -19,9 +19,10 @@ only at the read position; the batch is chunked to ``memory_budget_mb``.
 Conventions. ``direction="denoise"`` patches clean activations into the corrupted run (the
 result is the corrupted run's metric after the patch); ``"noise"`` patches corrupted into clean.
 The metric takes logits at the read position, ``(..., n_prompts, d_vocab)``, and returns
-``(..., n_prompts)``. Results have a per-prompt axis and ``meta["clean"]``,
-``meta["corrupted"]`` (metric means) so ``r.normalized(r.meta["clean"], r.meta["corrupted"])``
-gives restoration. Components are named ``"9.9"`` (layer 9 head 9), ``"attn9"`` / ``"mlp9"``
+``(..., n_prompts)``. Results have a per-prompt axis and the metric means ``r.clean``,
+``r.corrupted`` (per prompt: ``r.clean_per_prompt``, ...), so ``r.restored()`` gives
+restoration. Every public function takes a model or its ``Engine``
+(``engine_for``). Components are named ``"9.9"`` (layer 9 head 9), ``"attn9"`` / ``"mlp9"``
 (a layer's attention or MLP output), ``"mlp9.1234"`` (neuron 1234 of layer 9's MLP).
 """
 
@@ -34,7 +35,7 @@ from itertools import groupby, product
 
 import torch
 
-from mechtests.core.engine import Ctx, Engine
+from mechtests.core.engine import Ctx, Edit, Engine, Window, engine_for
 from mechtests.core.progress import progress
 from mechtests.core.result import Result
 from mechtests.core.sites import Component, Head, LayerOut, component
@@ -100,7 +101,7 @@ def _call_metric(metric: Metric, logits: torch.Tensor, engine: Engine | None = N
         row, i = (int(x) for x in where.nonzero()[0])
         value = out.reshape(where.shape)[row, i].item()
         text = ""
-        tok = getattr(getattr(engine, "model", None), "tokenizer", None)
+        tok = getattr(engine, "tokenizer", None)
         if tokens is not None and tok is not None:
             try:
                 text = f" ({tok.decode(tokens[i].tolist())!r})"
@@ -116,6 +117,27 @@ def _call_metric(metric: Metric, logits: torch.Tensor, engine: Engine | None = N
     return out
 
 
+def _score(engine: Engine, metric: Metric, x: torch.Tensor, tokens: torch.Tensor | None = None,
+           patches: Sequence[tuple] | None = None, budget_mb: float | None = None
+           ) -> torch.Tensor:
+    """The metric of final residuals ``x`` ``[..., n_prompts, d]`` at the read position.
+
+    A metric that declares the token ids it reads (``metric.reads``, as ``logit_diff``) gets
+    only those logits; any other gets the whole row, unembedded in blocks of leading rows that
+    fit ``budget_mb``."""
+    reads = getattr(metric, "reads", None)
+    if reads is not None:
+        return _call_metric(metric.on_columns, engine.unembed_columns(x, reads), engine, tokens,
+                            patches)
+    if x.dim() < 3 or budget_mb is None:
+        return _call_metric(metric, engine.unembed(x), engine, tokens, patches)
+    row = x.shape[1:-1].numel() * engine.d_vocab * 4
+    step = max(1, int(budget_mb * 2**20 // row))
+    return torch.cat([_call_metric(metric, engine.unembed(x[c:c + step]), engine, tokens,
+                                   None if patches is None else patches[c:c + step])
+                      for c in range(0, len(x), step)])
+
+
 def _pair(engine: Engine, clean, corrupted) -> tuple[torch.Tensor, torch.Tensor]:
     clean, corrupted = engine.check_tokens(clean), engine.check_tokens(corrupted)
     if clean.shape != corrupted.shape:
@@ -126,7 +148,7 @@ def _pair(engine: Engine, clean, corrupted) -> tuple[torch.Tensor, torch.Tensor]
 
 def _pos_labels(engine: Engine, tokens: torch.Tensor) -> list[str]:
     ids = tokens[0].tolist()
-    tok = getattr(engine.model, "tokenizer", None)
+    tok = engine.tokenizer
     try:
         words = tok.convert_ids_to_tokens(ids)
     except Exception:  # no tokenizer: index only
@@ -150,8 +172,7 @@ def _run(engine: Engine, tokens, want: Iterable[str], metric: Metric, rp) -> _Ru
     ctx = Ctx(set(want))
     x = engine.forward(engine.embed(tokens, ctx), 0, ctx=ctx)[:, 0]
     final = x[torch.arange(len(x), device=x.device), rp]
-    return _Run(tokens, ctx.cache, rp, final,
-                _call_metric(metric, engine.unembed(final), engine, tokens))
+    return _Run(tokens, ctx.cache, rp, final, _score(engine, metric, final, tokens))
 
 
 def _stage_name(engine: Engine, stage: int) -> str:
@@ -212,33 +233,53 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
     stage_of = lambda k: _entry_stage(engine, patches.stage(k))  # noqa: E731
     order = sorted((i for i in range(len(patches.keys)) if i not in skip),
                    key=lambda i: (p0_of[i], stage_of(patches.keys[i])))
+    finals = base.final.new_empty(len(patches.keys), N, base.final.shape[-1])
+    done: list[int] = []  # patches whose final residual is in ``finals``
     kv = [(base.cache.get(f"blocks.{lay}.attn.hook_k"), base.cache.get(f"blocks.{lay}.attn.hook_v"))
           for lay in range(engine.n_layers)]
-    groups = [(p0, list(g)) for p0, g in groupby(order, key=lambda i: p0_of[i])]
-    for p0, group in progress(groups, desc="patching", unit="position"):
-        live = base.rp >= p0  # prompts whose read position can see this patch
-        if not live.any():
+    # Batches across first positions, each within the budget; in a batch every window runs
+    # through each layer's norms, projections and MLP as one matmul (Engine.forward_wave).
+    batches: list[list[int]] = [[]]
+    used = 0.0
+    for p0, group in groupby(order, key=lambda i: p0_of[i]):
+        group = list(group)
+        if not (base.rp >= p0).any():  # no prompt's read position can see these patches
             out[group] = base.metric
             continue
-        t = T - p0
-        per_patch = engine.W_E.element_size() * N * (
-            t * (8 * engine.d_model + 4 * engine.n_heads * T + 3 * engine.d_mlp)
-            + 3 * engine.d_vocab)
-        chunk = max(1, int(budget_mb * 2**20 // per_patch))
-        prefix = [(k[:, :p0], v[:, :p0]) if k is not None else None for k, v in kv]
-        for c in range(0, len(group), chunk):
-            part = group[c:c + chunk]
+        per_patch = engine.W_E.element_size() * N * (T - p0) * (
+            8 * engine.d_model + 4 * engine.n_heads * T + 3 * engine.d_mlp)
+        for i in group:
+            if batches[-1] and used + per_patch > budget_mb * 2**20:
+                batches.append([])
+                used = 0.0
+            batches[-1].append(i)
+            used += per_patch
+    for part in progress([b for b in batches if b], desc="patching", unit="batch"):
+        windows, parts = [], []
+        for p0, idx in groupby(part, key=lambda i: p0_of[i]):
             entries = {}
-            for stage, idx in groupby(part, key=lambda i: stage_of(patches.keys[i])):
-                keys = [patches.keys[i] for i in idx]
+            for stage, ids in groupby(idx, key=lambda i: stage_of(patches.keys[i])):
+                ids = list(ids)
+                parts.append((p0, ids))
                 resid = base.cache[_stage_name(engine, stage)][:, None, p0:]
-                entries[stage] = resid + patches.delta(keys, p0)
-            x = engine.forward(None, min(entries), p0=p0, prefix=prefix, entries=entries,
-                               read=base.rp - p0)[:, :, 0]  # [N, P, d]
-            x = torch.where(live[:, None, None], x, base.final[:, None])
-            out[part] = _call_metric(metric, engine.unembed(x).transpose(0, 1), engine,
-                                     base.tokens, [patches.keys[i] for i in part])
+                entries[stage] = resid + patches.delta([patches.keys[i] for i in ids], p0)
+            prefix = [(k[:, :p0], v[:, :p0]) if k is not None else None for k, v in kv]
+            windows.append(Window(p0, prefix, base.rp - p0, entries))
+        xs = engine.forward_wave(windows)
+        for (p0, ids), x in zip(_by_window(parts, windows), xs):
+            x = torch.where((base.rp >= p0)[:, None, None], x[:, :, 0], base.final[:, None])
+            finals[ids] = x.transpose(0, 1)
+            done += ids
+    if done:  # the unembedding and the metric once for the whole sweep
+        out[done] = _score(engine, metric, finals[done], base.tokens,
+                           [patches.keys[i] for i in done], budget_mb)
     return out
+
+
+def _by_window(parts: list[tuple[int, list[int]]], windows: list[Window]):
+    """The patches of each window, in the order its batch holds them (by entry stage)."""
+    for w in windows:
+        yield w.p0, [i for p0, ids in parts if p0 == w.p0 for i in ids]
 
 
 def _resid_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Patches:
@@ -398,6 +439,7 @@ def sweep(engine: Engine, site: str, clean, corrupted, metric: Metric,
     ``memory_budget_mb`` bounds the patched batch held at once (default: what one ordinary
     forward of the prompts holds).
     """
+    engine = engine_for(engine)  # a model or its Engine
     _check_site(site)
     by = tuple(by) if by is not None else _BY[site][0]
     if by not in _BY[site]:
@@ -502,6 +544,7 @@ def parse_component(engine: Engine, name: str | Component) -> tuple[str, tuple[i
     """The engine site and index of a component: ``"9.9"`` -> ("z", (9, 9)); ``"attn9"`` ->
     ("attn_out", (9,)); ``"mlp9"`` -> ("mlp_out", (9,)); ``"mlp9.1234"`` -> ("mlp_post",
     (9, 1234)). Indices are checked against the model."""
+    engine = engine_for(engine)  # a model or its Engine
     c = component(name)
     if isinstance(c, Head):
         site, key, sizes = "z", (c.layer, c.head), ("head", engine.n_heads)
@@ -516,8 +559,13 @@ def parse_component(engine: Engine, name: str | Component) -> tuple[str, tuple[i
 
 
 def ablation_values(engine: Engine, tokens: torch.Tensor, sites: Iterable[str], how: str,
-                    reference=None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Replacement activations (TL names, shaped like ``tokens``' run) for an ablation."""
+                    reference=None, seed: int = 0, by_position: bool | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Replacement activations (TL names, shaped like ``tokens``' run) for an ablation.
+
+    ``how="mean"`` averages over the reference prompts per position when ``by_position`` (by
+    default: when they have the prompts' length), else over their prompts and positions."""
+    engine = engine_for(engine)  # a model or its Engine
     sites = set(sites)
     N, T = tokens.shape
     if how == "zero":
@@ -530,7 +578,12 @@ def ablation_values(engine: Engine, tokens: torch.Tensor, sites: Iterable[str], 
     reference = engine.check_tokens(reference)
     _, ref = engine.run(reference, sites, logits_at=-1)
     if how == "mean":
-        if reference.shape[1] == T:  # per-position mean
+        if by_position is None:
+            by_position = reference.shape[1] == T
+        if by_position and reference.shape[1] != T:
+            raise ValueError(f"a per-position mean needs reference prompts of the prompts' "
+                             f"length ({T}), got {reference.shape[1]}")
+        if by_position:
             return {s: a.mean(0, keepdim=True).expand(N, *a.shape[1:]) for s, a in ref.items()}
         return {s: a.mean((0, 1), keepdim=True).expand(N, T, *a.shape[2:])
                 for s, a in ref.items()}
@@ -544,40 +597,32 @@ def ablation_values(engine: Engine, tokens: torch.Tensor, sites: Iterable[str], 
 
 def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
            how: str = "zero", reference=None, together: bool = False, read_pos=-1,
-           seed: int = 0, memory_budget_mb: float | None = None) -> Result:
+           seed: int = 0, memory_budget_mb: float | None = None,
+           by_position: bool | None = None) -> Result:
     """The metric with each component ablated singly (``together=False``) or all at once.
 
     ``how``: ``"zero"``, ``"mean"`` (over ``reference`` prompts, per position when they have the
-    prompt's length) or ``"resample"`` (each prompt takes a seeded random reference prompt's
+    prompt's length, or as ``by_position`` says) or ``"resample"`` (each prompt takes a seeded
+    random reference prompt's
     activation). Components: ``"9.9"`` (head z, all positions), ``"attn9"``, ``"mlp9"``,
     ``"mlp9.1234"`` (neuron). Result axis ``component``; together gives one cell labelled
-    ``"9.9+9.6+..."``. ``meta["clean"]`` is the unablated metric.
+    ``"9.9+9.6+..."``. ``r.clean`` is the unablated metric.
     """
-    if isinstance(components, str):
-        components = [components]
-    parsed = [parse_component(engine, c) for c in components]
-    if not parsed:
-        raise ValueError("ablate needs at least one component")
+    engine = engine_for(engine)  # a model or its Engine
+    components, parsed = _parse_all(engine, components)
     tokens = engine.check_tokens(tokens)
     N, T = tokens.shape
     rp = _read_positions(read_pos, N, T, tokens.device)
-    site_of = {"z": "attn.hook_z", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
-               "mlp_post": "mlp.hook_post"}
-    names = {f"blocks.{k[0]}.{site_of[s]}" for s, k in parsed}
     with torch.no_grad():
-        values = ablation_values(engine, tokens, names, how, reference, seed)
         if together:
-            edits = {}
-            for site, key in parsed:
-                name = f"blocks.{key[0]}.{site_of[site]}"
-                idx = (slice(None), slice(None)) + key[1:]
-                edits.setdefault(name, []).append(idx)
-            fns = {n: _replace(values[n], idxs) for n, idxs in edits.items()}
+            fns = ablation_edits(engine, tokens, components, how, reference, seed, by_position)
             logits, _ = engine.run(tokens, edits=fns)
             clean = _run(engine, tokens, (), metric, rp).metric
             out = _call_metric(metric, logits[torch.arange(N), rp], engine, tokens)[None]
             labels = ["+".join(components)]
         else:
+            names = {_hook_name(s, k) for s, k in parsed}
+            values = ablation_values(engine, tokens, names, how, reference, seed, by_position)
             want = set()
             groups: dict[str, list[int]] = {}
             plans = []
@@ -604,6 +649,39 @@ def ablate(engine: Engine, tokens, components: Sequence[str], metric: Metric,
                   per_prompt, meta)
 
 
+_ABLATE_HOOK = {"z": "attn.hook_z", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+                "mlp_post": "mlp.hook_post"}
+
+
+def _parse_all(engine: Engine, components) -> tuple[list[str], list[tuple[str, tuple]]]:
+    """The component names as a list, and each one's (site, key); at least one."""
+    names = [components] if isinstance(components, str) else list(components)
+    if not names:
+        raise ValueError("an ablation needs at least one component")
+    return names, [parse_component(engine, c) for c in names]
+
+
+def _hook_name(site: str, key: tuple[int, ...]) -> str:
+    return f"blocks.{key[0]}.{_ABLATE_HOOK[site]}"
+
+
+def ablation_edits(engine: Engine, tokens, components: Sequence[str], how: str = "zero",
+                   reference=None, seed: int = 0, by_position: bool | None = None
+                   ) -> dict[str, Edit]:
+    """Engine edits (``Engine.run(..., edits=...)``) that ablate ``components`` together, at
+    every position: ``"9.9"``, ``"attn9"``, ``"mlp9"``, ``"mlp9.1234"``; ``how`` as in
+    :func:`ablate`."""
+    engine = engine_for(engine)
+    _, parsed = _parse_all(engine, components)
+    tokens = engine.check_tokens(tokens)
+    values = ablation_values(engine, tokens, {_hook_name(s, k) for s, k in parsed}, how,
+                             reference, seed, by_position)
+    idxs: dict[str, list[tuple]] = {}
+    for site, key in parsed:
+        idxs.setdefault(_hook_name(site, key), []).append((slice(None), slice(None)) + key[1:])
+    return {n: _replace(values[n], i) for n, i in idxs.items()}
+
+
 def _replace(value: torch.Tensor, idxs: list[tuple]):
     def edit(act: torch.Tensor) -> torch.Tensor:
         act = act.clone()
@@ -611,6 +689,39 @@ def _replace(value: torch.Tensor, idxs: list[tuple]):
             act[idx] = value[idx]
         return act
     return edit
+
+
+# -- additions to the residual stream (steering) ---------------------------------------------
+def resid_interventions(engine: Engine, tokens, site: str, layer: int, deltas: torch.Tensor,
+                        metric: Metric, read_pos=-1, memory_budget_mb: float | None = None
+                        ) -> torch.Tensor:
+    """The metric after adding each of ``deltas`` ``[K, n_prompts, T, d_model]`` to the
+    residual stream at ``site`` (resid_pre/mid/post) of ``layer``: ``[K, n_prompts]``.
+
+    Each addition is one patch of the core (batched, from its first non-zero position on)."""
+    engine = engine_for(engine)
+    if site not in ("resid_pre", "resid_mid", "resid_post"):
+        raise ValueError(f"site={site!r}: choose resid_pre, resid_mid or resid_post")
+    _check_supported(engine, site)
+    layer = _check_range("layer", [layer], engine.n_layers)[0]
+    tokens = engine.check_tokens(tokens)
+    N, T = tokens.shape
+    if deltas.dim() != 4 or tuple(deltas.shape[1:]) != (N, T, engine.d_model):
+        raise ValueError(f"deltas must have shape [K, {N}, {T}, {engine.d_model}], got "
+                         f"{tuple(deltas.shape)}")
+    rp = _read_positions(read_pos, N, T, tokens.device)
+    deltas = deltas.to(engine.device, engine.dtype)
+    nz = deltas.abs().amax((0, 1, 3)).nonzero()
+    span = (int(nz[0]), int(nz[-1])) if len(nz) else (T - 1, T - 1)
+    stage = 2 * layer + RESID_SITES[site][1]
+    keys = [(k,) for k in range(deltas.shape[0])]
+    patches = _Patches(keys, lambda k: stage, lambda k: span,
+                       lambda ks, p0: deltas[[k[0] for k in ks]].transpose(0, 1)[:, :, p0:],
+                       {_stage_name(engine, stage)})
+    with torch.no_grad():
+        base = _run(engine, tokens, patches.want | _prefix_want(engine, patches), metric, rp)
+        return _patch_core(engine, patches, base, metric,
+                           _budget_mb(engine, tokens, memory_budget_mb))
 
 
 # -- path patching ----------------------------------------------------------------------------
@@ -626,6 +737,7 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
     TransformerLens's ``get_act_patch_direct_path``. Senders at or after every receiver's layer
     leave the metric at the base value.
     """
+    engine = engine_for(engine)  # a model or its Engine
     if component not in ("q", "k", "v"):
         raise ValueError(f"path_patch component must be 'q', 'k' or 'v', not {component!r}")
     _check_supported(engine, component, "path patching")
@@ -669,19 +781,17 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
                 "nte,ed->ntd", src.cache[zs[lay]][:, :, h] - base.cache[zs[lay]][:, :, h],
                 engine.W_O[lay, h]) for lay, h in part], 1)  # [N,P,T,d]
             s_layer = torch.tensor([lay for lay, _ in part], device=clean.device)
-            edits = {}
+            edits, cache = {}, {}  # the receivers' edits read their inputs from this run's cache
             for rl in sorted({k[0] for k in recv}):
                 heads = [k[1] for k in recv if k[0] == rl]
                 mask = (s_layer < rl).to(write.dtype)[None, :, None, None]
                 edits[f"blocks.{rl}.attn.hook_{component}"] = _path_edit(
-                    engine, rl, heads, write * mask, W, b)
-            ctx = Ctx({f"blocks.{k[0]}.hook_resid_pre" for k in recv}, edits)
-            for fn in edits.values():
-                fn.ctx = ctx
+                    engine, rl, heads, write * mask, W, b, cache)
+            ctx = Ctx({f"blocks.{k[0]}.hook_resid_pre" for k in recv}, edits, cache)
             x0 = base.cache[f"blocks.{first}.hook_resid_pre"][:, None].expand(N, P, T, -1)
             x = engine.forward(x0, 2 * first, ctx=ctx, read=rp)[:, :, 0]
-            vals = _call_metric(metric, engine.unembed(x).transpose(0, 1), engine, base_tok,
-                                [f"sender {lay}.{h}" for lay, h in part])
+            vals = _score(engine, metric, x.transpose(0, 1), base_tok,
+                          [f"sender {lay}.{h}" for lay, h in part])
             out[[lay * H + h for lay, h in part]] = vals
     per_prompt = out.T.reshape(N, L, H)
     clean_run, corr_run = (src, base) if direction == "denoise" else (base, src)
@@ -692,16 +802,17 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
                    "receivers": list(receivers), "component": component})
 
 
-def _path_edit(engine: Engine, layer: int, heads: list[int], write: torch.Tensor, W, b):
-    """Recompute the receivers' q/k/v from their own residual input plus the sender write."""
+def _path_edit(engine: Engine, layer: int, heads: list[int], write: torch.Tensor, W, b,
+               cache: dict[str, torch.Tensor]):
+    """Recompute the receivers' q/k/v from their own residual input plus the sender write;
+    ``cache`` is the forward's (its ``Ctx.cache``), which holds that input by then."""
     def edit(act: torch.Tensor) -> torch.Tensor:  # act [N*P, T, H, dh]
-        x = edit.ctx.cache[f"blocks.{layer}.hook_resid_pre"]  # [N*P, T, d]
+        x = cache[f"blocks.{layer}.hook_resid_pre"]  # [N*P, T, d]
         x = engine.normalize(x + write.reshape(x.shape))
         act = act.clone()
         for h in heads:
             act[:, :, h] = x @ W[layer, h] + b[layer, h]
         return act
-    edit.ctx = None
     return edit
 
 
@@ -717,6 +828,7 @@ def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequenc
     the swept cell (d_model; d_head and positions for heads over all positions; source
     positions for pattern; ``positions`` for neurons).
     """
+    engine = engine_for(engine)  # a model or its Engine
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
     specs = []
@@ -746,7 +858,7 @@ def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequenc
         x0 = engine.embed(base_tok).detach().requires_grad_(True)
         x = engine.forward(x0, 0, ctx=ctx)[:, 0]
         final = x[torch.arange(N, device=x.device), rp]
-        m = _call_metric(metric, engine.unembed(final), engine, base_tok)
+        m = _score(engine, metric, final, base_tok)
         m.sum().backward()
     out = {}
     for key, site, by in specs:
@@ -778,6 +890,7 @@ def attribution_patches(engine: Engine, sites: Iterable[str | tuple[str, Sequenc
 def attribution_patch(engine: Engine, site: str, clean, corrupted, metric: Metric,
                       by: Sequence[str] | None = None, **kw) -> Result:
     """Attribution patching of one site: see :func:`attribution_patches`."""
+    engine = engine_for(engine)  # a model or its Engine
     _check_site(site)
     return next(iter(attribution_patches(engine, [(site, by or _BY[site][0])], clean, corrupted,
                                          metric, **kw).values()))

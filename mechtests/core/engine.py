@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,12 @@ class Engine:
     def __init__(self, model, verify: bool = True) -> None:
         cfg = model.cfg
         hf = _reference_model(model)
-        self.model, self.cfg = model, cfg
+        try:
+            self._model = weakref.ref(model)
+        except TypeError:  # not weak-referenceable (a stand-in object): held outright
+            self._model = lambda: model
+        self.cfg = cfg
+        self.tokenizer = getattr(model, "tokenizer", None)
         family = getattr(getattr(hf, "config", None), "model_type", None)
         if hf is None and _bridge_family(model) in _HF_FAMILIES:
             raise UnsupportedArchitecture(
@@ -171,6 +177,11 @@ class Engine:
             self._verify(hf)
 
     @property
+    def model(self):
+        """The model this engine was built from (None once it is gone)."""
+        return self._model()
+
+    @property
     def rms(self) -> bool:
         """RMSNorm (no centring) rather than LayerNorm."""
         return self.norm == "rms"
@@ -206,7 +217,25 @@ class Engine:
         h = self.normalize(x, ctx, "ln_final", lambda a: a, lambda a: a)
         if sel is not None:
             h = h[:, sel]
-        return h @ self.W_U + self.b_U
+        return _lin(h, self.W_U, self.b_U)
+
+    def unembed_columns(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Final norm and the logits of token ``ids`` only (exact: each logit is one dot
+        product): ``ids`` ``[k]`` for every prompt gives ``[..., k]``; ``[n_prompts, k]`` (per
+        prompt, ``x`` ``[..., n_prompts, d]``) gives ``[..., n_prompts, k]``."""
+        ids = torch.as_tensor(ids, device=self.device).long()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.d_vocab):
+            raise ValueError(f"the metric reads token ids {ids.unique().tolist()[:8]}, beyond "
+                             f"the vocabulary 0..{self.d_vocab - 1}")
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        h = self.normalize(x)
+        if ids.dim() == 1:
+            return h @ self.W_U[:, ids] + self.b_U[ids]
+        if ids.dim() != 2 or ids.shape[0] != x.shape[-2]:
+            raise ValueError(f"the metric reads token ids of shape {tuple(ids.shape)}: expected "
+                             f"[k] or [n_prompts={x.shape[-2]}, k]")
+        return torch.einsum("...nd,dnk->...nk", h, self.W_U[:, ids]) + self.b_U[ids]
 
     def forward(self, x: torch.Tensor | None, stage: int, *, p0: int = 0,
                 prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -250,12 +279,63 @@ class Engine:
             x = _tap(ctx, names["hook_resid_post"], x, *_fold(x))
         return _join(x, entries.get(2 * n), read)
 
+    def forward_wave(self, groups: list[Window]) -> list[torch.Tensor]:
+        """Several windows (each its own ``p0``, prefix, read positions and entries, as in
+        :meth:`forward`) through the layers together, without hooks: the norms, projections
+        and MLP run on every window's rows as one matmul (bigger matmuls run faster per FLOP);
+        only attention runs per window. Returns each window's final residual ``[N, P, 1, d]``
+        at its read positions."""
+        n = self.n_layers
+        xs: list[torch.Tensor | None] = [None] * len(groups)
+        for g in groups:
+            if self.parallel and any(s % 2 for s in g.entries):
+                raise ValueError("this model's blocks are parallel: join at even stages only")
+        first = min(min(g.entries) for g in groups) // 2
+        for layer in range(first, n):
+            last = layer == n - 1
+            xs = [_join(x, g.entries.get(2 * layer), None) for x, g in zip(xs, groups)]
+            live = [i for i, x in enumerate(xs) if x is not None]
+            if live:
+                hs = _rows([xs[i] for i in live], self.normalize)
+                qkv = _rows(hs, lambda r, la=layer: _lin(r, self.W_QKV[la], self.b_QKV[la]))
+                zs = [self._attend(layer, a, groups[i].p0, groups[i].prefix[layer]
+                                   if groups[i].p0 else None, None,
+                                   groups[i].read if last else None)
+                      for i, a in zip(live, qkv)]
+                outs = _rows([z.reshape(*z.shape[:3], -1) for z in zs],
+                             lambda r, la=layer: _lin(r, self.W_O_flat[la], self.b_O[la]))
+                ins = []
+                for j, i in enumerate(live):
+                    rd = groups[i].read if last else None
+                    xs[i] = _gather(xs[i], rd) if rd is not None else xs[i]
+                    if self.parallel:
+                        ins.append(xs[i] if not self.shared_ln else
+                                   _gather(hs[j], rd) if rd is not None else hs[j])
+                    xs[i] = xs[i] + outs[j]
+                if self.parallel:  # the MLP reads resid_pre (or GPT-J's shared norm)
+                    mlp = _rows(ins, lambda r, la=layer: self._mlp(la, r, None,
+                                                                  normed=self.shared_ln))
+                    for j, i in enumerate(live):
+                        xs[i] = xs[i] + mlp[j]
+                    continue
+            xs = [_join(x, g.entries.get(2 * layer + 1), g.read if last else None)
+                  for x, g in zip(xs, groups)]
+            live = [i for i, x in enumerate(xs) if x is not None]
+            if live:
+                mlp = _rows([xs[i] for i in live], lambda r, la=layer: self._mlp(la, r, None))
+                for j, i in enumerate(live):
+                    xs[i] = xs[i] + mlp[j]
+        return [_join(x, g.entries.get(2 * n), g.read) for x, g in zip(xs, groups)]
+
     # -- the transformer ---------------------------------------------------------------------
     def normalize(self, x, ctx=None, name=None, to_tl=None, from_tl=None):
         """The norm without its weight (folded into the next matrix): LayerNorm or RMSNorm."""
-        if not self.rms:
-            x = x - x.mean(-1, keepdim=True)
-        scale = (x.float().pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        if name is None or ctx is None or not (
+                f"{name}.hook_scale" in ctx.names or f"{name}.hook_normalized" in ctx.names):
+            d = (x.shape[-1],)  # fused kernels when no hook reads the scale
+            return F.rms_norm(x, d, eps=self.eps) if self.rms else \
+                F.layer_norm(x, d, eps=self.eps)
+        x, scale = centre_and_scale(x, self.eps, self.rms)
         if name is None:
             return (x / scale).to(x.dtype)
         scale = _tap(ctx, f"{name}.hook_scale", scale.to(x.dtype), to_tl, from_tl)
@@ -298,11 +378,19 @@ class Engine:
         Returns the attention output and the normalized input (a parallel block's MLP reads
         the same norm in GPT-J)."""
         N, P, t, _ = x.shape
-        H, Hk, dh, G = self.n_heads, self.n_kv_heads, self.d_head, self.group
         names = self._names[layer]
         fold, unfold = _fold(x)
         h = self.normalize(x, ctx, names["ln1"], fold, unfold)
-        qkv = h @ self.W_QKV[layer] + self.b_QKV[layer]
+        qkv = _lin(h, self.W_QKV[layer], self.b_QKV[layer])
+        z = self._attend(layer, qkv, p0, kv, ctx, read)
+        out = _lin(z.reshape(*z.shape[:3], -1), self.W_O_flat[layer], self.b_O[layer])
+        return _tap(ctx, self._names[layer]["hook_attn_out"], out, *_fold(out)), h
+
+    def _attend(self, layer, qkv, p0, kv, ctx, read):
+        """From the fused projection ``qkv`` ``[N,P,t,(H+2Hk)*dh]`` to z ``[N,P,tq,H,dh]``."""
+        N, P, t, _ = qkv.shape
+        H, Hk, dh = self.n_heads, self.n_kv_heads, self.d_head
+        names = self._names[layer]
         q = qkv[..., :H * dh].view(N, P, t, H, dh)
         k, v = qkv[..., H * dh:].view(N, P, t, 2, Hk, dh).unbind(3)
         if self.q_norm is not None:
@@ -313,11 +401,51 @@ class Engine:
         k = _tap(ctx, names["attn.hook_k"], k, *f5)
         v = _tap(ctx, names["attn.hook_v"], v, *f5)
         if self.rotary is not None:
-            window = torch.arange(p0, p0 + t, device=x.device)
+            window = torch.arange(p0, p0 + t, device=qkv.device)
             q, k = self.rotate(q, window), self.rotate(k, window)
         if read is not None:
             q = _gather(q, read)
-        tq = q.shape[2]
+        if ctx is None or not ({names["attn.hook_attn_scores"], names["attn.hook_pattern"]}
+                               & ctx.names):
+            z = self._sdpa(q, k, v, p0, kv, read)
+        else:
+            z = self._attend_explicit(layer, q, k, v, p0, kv, read, ctx)
+        return _tap(ctx, names["attn.hook_z"], z, *_fold(z))
+
+    def _sdpa(self, q, k, v, p0, kv, read):
+        """Fused attention (``scaled_dot_product_attention``) of the window's queries ``q``
+        ``[N,P,tq,H,dh]`` over the cached prefix and the window's keys and values; returns z
+        ``[N,P,tq,H,dh]``."""
+        N, P, tq, H, dh = q.shape
+        t, Hk = k.shape[2], self.n_kv_heads
+        qh = q.transpose(2, 3).reshape(N * P, H, tq, dh)
+        kh, vh = k.transpose(2, 3), v.transpose(2, 3)  # [N,P,Hk,t,dh]
+        if p0:
+            kp, vp = kv
+            kp = self.rotate(kp, torch.arange(p0, device=q.device))
+            kh = torch.cat([kp.transpose(1, 2)[:, None].expand(N, P, Hk, p0, dh), kh], 3)
+            vh = torch.cat([vp.transpose(1, 2)[:, None].expand(N, P, Hk, p0, dh), vh], 3)
+        S = p0 + t
+        kh, vh = kh.reshape(N * P, Hk, S, dh), vh.reshape(N * P, Hk, S, dh)
+        keys = torch.arange(S, device=q.device)
+        causal = False
+        if read is not None:  # the query at window index read[n] sees keys <= p0 + read[n]
+            mask = (keys <= p0 + read[:, None]).view(N, 1, 1, 1, S).expand(N, P, 1, 1, S)
+            mask = mask.reshape(N * P, 1, 1, S)
+        elif p0 == 0:
+            mask, causal = None, True
+        else:
+            mask = keys <= torch.arange(p0, p0 + t, device=q.device)[:, None]  # [t, S]
+        z = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal,
+                                           scale=self.scale, enable_gqa=self.group > 1)
+        return z.view(N, P, H, tq, dh).transpose(2, 3)
+
+    def _attend_explicit(self, layer, q, k, v, p0, kv, read, ctx):
+        """Attention with the scores and pattern materialised (for their hooks)."""
+        N, P, t = k.shape[:3]
+        H, dh, G = self.n_heads, self.d_head, self.group
+        names = self._names[layer]
+        dev, tq = q.device, q.shape[2]
         qh = q.permute(0, 3, 1, 2, 4)  # [N,H,P,tq,dh]
         kh = k.permute(0, 3, 1, 4, 2)  # [N,Hk,P,dh,t]
         vh = v.permute(0, 3, 1, 2, 4)  # [N,Hk,P,t,dh]
@@ -325,13 +453,13 @@ class Engine:
             kh, vh = kh.repeat_interleave(G, 1), vh.repeat_interleave(G, 1)
         scores = (qh @ kh) * self.scale  # [N,H,P,tq,t]
         if read is None:
-            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            mask = torch.ones(t, t, dtype=torch.bool, device=dev).triu(1)
         else:  # query at window index read[n] sees keys j <= read[n]
-            mask = (torch.arange(t, device=x.device) > read[:, None])[:, None, None, None]
+            mask = (torch.arange(t, device=dev) > read[:, None])[:, None, None, None]
         scores = scores.masked_fill(mask, float("-inf"))
         if p0:
             kp, vp = kv
-            kp = self.rotate(kp, torch.arange(p0, device=x.device))
+            kp = self.rotate(kp, torch.arange(p0, device=dev))
             if G > 1:
                 kp, vp = kp.repeat_interleave(G, 2), vp.repeat_interleave(G, 2)
             sp = qh.reshape(N, H, P * tq, dh) @ kp.permute(0, 2, 3, 1)  # [N,H,P*tq,p0]
@@ -345,26 +473,23 @@ class Engine:
         if p0:
             zp = pattern[..., :p0].reshape(N, H, P * tq, p0) @ vp.permute(0, 2, 1, 3)
             z = z + zp.view(N, H, P, tq, dh)
-        z = z.permute(0, 2, 3, 1, 4)  # [N,P,tq,H,dh]
-        z = _tap(ctx, names["attn.hook_z"], z, *_fold(z))
-        out = z.reshape(N, P, tq, H * dh) @ self.W_O_flat[layer] + self.b_O[layer]
-        return _tap(ctx, names["hook_attn_out"], out, *_fold(out)), h
+        return z.permute(0, 2, 3, 1, 4)  # [N,P,tq,H,dh]
 
     def _mlp(self, layer, x, ctx, normed: bool = False):
         names = self._names[layer]
         fold, unfold = _fold(x)
         h = x if normed else self.normalize(x, ctx, names["ln2"], fold, unfold)
         if self.gated:
-            pre = h @ self.W_gate[layer]
-            lin = h @ self.W_in[layer] + self.b_in[layer]
+            pre = _lin(h, self.W_gate[layer])
+            lin = _lin(h, self.W_in[layer], self.b_in[layer])
             pre = _tap(ctx, names["mlp.hook_pre"], pre, *_fold(pre))
             lin = _tap(ctx, names["mlp.hook_pre_linear"], lin, *_fold(lin))
             post = _tap(ctx, names["mlp.hook_post"], self.act(pre) * lin, *_fold(pre))
         else:
-            pre = h @ self.W_in[layer] + self.b_in[layer]
+            pre = _lin(h, self.W_in[layer], self.b_in[layer])
             pre = _tap(ctx, names["mlp.hook_pre"], pre, *_fold(pre))
             post = _tap(ctx, names["mlp.hook_post"], self.act(pre), *_fold(pre))
-        out = post @ self.W_out[layer] + self.b_out[layer]
+        out = _lin(post, self.W_out[layer], self.b_out[layer])
         return _tap(ctx, names["hook_mlp_out"], out, *_fold(out))
 
     # -- checks ------------------------------------------------------------------------------
@@ -447,8 +572,57 @@ class Engine:
         self.verified = {"hf_max_err": err, "bridge_max_err": bridge_err, "tolerance": tol}
 
 
+def centre_and_scale(x: torch.Tensor, eps: float, rms: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one norm, without its weight: ``x`` centred over the last axis (LayerNorm; RMSNorm
+    does not centre) and its scale ``sqrt(mean(x^2) + eps)`` (float32 or wider, keepdim).
+    ``normalize`` divides the two; TL's ``hook_scale`` is the scale."""
+    if not rms:
+        x = x - x.mean(-1, keepdim=True)
+    return x, (x.float().pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def normalize(x: torch.Tensor, eps: float, rms: bool = False) -> torch.Tensor:
+    """LayerNorm (or RMSNorm) of ``x`` over its last axis, without weight or bias."""
+    x, scale = centre_and_scale(x, eps, rms)
+    return (x / scale).to(x.dtype)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Window:
+    """One window of patched variants for :meth:`Engine.forward_wave`: positions ``p0..T-1``,
+    ``prefix[l]`` layer l's cached keys and values before ``p0``, ``read`` ``[N]`` window
+    positions the last layer reads, ``entries[s]`` ``[N, P_s, T - p0, d]`` joining at stage s."""
+
+    p0: int
+    prefix: list
+    read: torch.Tensor
+    entries: dict[int, torch.Tensor]
+
+
+def _rows(xs: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]
+          ) -> list[torch.Tensor]:
+    """``fn`` (row-wise over the last axis) on every tensor's rows as one call, split back."""
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) if len(xs) > 1 \
+        else xs[0].reshape(-1, xs[0].shape[-1])
+    y = fn(flat)
+    out, o = [], 0
+    for x in xs:
+        m = x.numel() // x.shape[-1]
+        out.append(y[o:o + m].view(*x.shape[:-1], y.shape[-1]))
+        o += m
+    return out
+
+
+def _lin(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W + b`` over the last axis as one matmul with the bias fused (``addmm``)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.mm(x2, W) if b is None else torch.addmm(b, x2, W)
+    return y.view(*x.shape[:-1], W.shape[-1])
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -461,10 +635,12 @@ def _reference_model(model):
     """A fresh Hugging Face model from the bridge's checkpoint directory (safetensors only, no
     remote code, no download), independent of the bridge's own processing, in its dtype; or
     None when the bridge does not say where its checkpoint is."""
-    held = getattr(model, "mechtests_reference", None)  # a model built in memory (a mutant)
+    from mechtests.core.models import reference_of, spec_of
+
+    held = reference_of(model)  # a model built in memory (a mutant)
     if held is not None:
         return held
-    spec = getattr(model, "mechtests_spec", None)
+    spec = spec_of(model)
     path = getattr(spec, "path", None)
     if path is None:
         hf = getattr(model, "original_model", None)
@@ -712,16 +888,32 @@ def _hf_weights(hf, family: str) -> dict:
     return w
 
 
+def run(model, tokens: torch.Tensor, sites: Iterable[str] = (),
+        logits_at: int | slice | None = None, edits: Mapping[str, Edit] | None = None,
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``Engine.run`` on a model or an ``Engine``: logits and the requested activations."""
+    with torch.no_grad():
+        return engine_for(model).run(tokens, sites, logits_at, edits)
+
+
 def engine_for(model) -> Engine:
-    """The model's ``Engine``, built once and cached on the model (rebuilt if a weight changes).
+    """The model's ``Engine``, built once per model (rebuilt if a weight changes).
 
     Accepts an ``Engine`` too, so every public function can take either.
     """
     if isinstance(model, Engine):
         return model
     stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    held = getattr(model, "_mechtests_engine", None)
+    try:
+        held = _ENGINES.get(model)
+    except TypeError:  # not weak-referenceable: nowhere to keep it, built each time
+        return Engine(model)
     if held is None or held[0] != stamp:
         held = (stamp, Engine(model))
-        object.__setattr__(model, "_mechtests_engine", held)
+        _ENGINES[model] = held
     return held[1]
+
+
+# Each model's engine, beside the model (an Engine holds its model weakly, so an entry goes with
+# its model).
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

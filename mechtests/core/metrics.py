@@ -26,9 +26,31 @@ def _pick(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, ids[..., None])[..., 0]
 
 
-def logit_diff(answer_ids: torch.Tensor, counterfactual_ids: torch.Tensor) -> Metric:
-    """logit(answer) - logit(counterfactual), per prompt (the IOI paper's metric)."""
-    return lambda logits: _pick(logits, answer_ids) - _pick(logits, counterfactual_ids)
+@dataclass(frozen=True, eq=False)
+class ColumnMetric:
+    """A metric that reads only the logits of some token ids (``reads``: ``[k]`` for every
+    prompt, or ``[n_prompts, k]``), so the engine can compute just those columns: exact, as
+    each logit is one dot product. ``on_columns`` maps those logits ``(..., n_prompts, k)`` to
+    ``(..., n_prompts)``; calling it on full logits picks the columns first."""
+
+    reads: torch.Tensor
+    on_columns: Callable[[torch.Tensor], torch.Tensor]
+
+    def columns(self, logits: torch.Tensor) -> torch.Tensor:
+        ids = self.reads.to(logits.device)
+        return logits.gather(-1, ids.expand(*logits.shape[:-1], ids.shape[-1]))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.on_columns(self.columns(logits))
+
+
+def logit_diff(answer_ids: torch.Tensor, counterfactual_ids: torch.Tensor) -> ColumnMetric:
+    """logit(answer) - logit(counterfactual), per prompt (the IOI paper's metric). It reads
+    two columns per prompt. (Probabilities, log-probabilities, KL and entropy need the whole
+    row for their normaliser, so they declare nothing.)"""
+    a, c = torch.as_tensor(answer_ids), torch.as_tensor(counterfactual_ids)
+    a, c = torch.broadcast_tensors(a.long(), c.long())
+    return ColumnMetric(torch.stack([a, c], -1), lambda cols: cols[..., 0] - cols[..., 1])
 
 
 def logprob(answer_ids: torch.Tensor) -> Metric:

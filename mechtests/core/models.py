@@ -9,13 +9,33 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-ORGANISMS = ROOT / "fixtures" / "organisms"
+ORGANISMS_ENV = "MECHTESTS_ORGANISMS"  # a directory of organism checkpoints, if set
+
+
+def organisms_dir() -> Path:
+    """Where the shipped organism checkpoints are: ``$MECHTESTS_ORGANISMS`` if set, else the
+    source tree's ``fixtures/organisms`` (a checkout or an editable install), else
+    ``./fixtures/organisms``. The one place that knows."""
+    env = os.environ.get(ORGANISMS_ENV)
+    if env:
+        return Path(env).expanduser()
+    tree = Path(__file__).resolve().parents[2] / "fixtures" / "organisms"
+    return tree if tree.is_dir() else Path.cwd() / "fixtures" / "organisms"
+
+
+def organism_dir(name: str) -> Path:
+    """The checkpoint directory of the shipped organism ``name``."""
+    return organisms_dir() / name
+
+
+ORGANISMS = organisms_dir()  # as found at import; call organisms_dir() to honour a later env
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -81,8 +101,8 @@ def resolve(spec: str) -> ModelSpec:
     path = Path(spec).expanduser()
     if path.is_dir():
         return ModelSpec(spec, path.resolve(), path.name)
-    if (ORGANISMS / spec).is_dir():
-        return ModelSpec(spec, ORGANISMS / spec, spec)
+    if spec and (organisms_dir() / spec).is_dir():
+        return ModelSpec(spec, organism_dir(spec), spec)
     if looks_like_path(spec):
         raise NoSuchModel(
             f"model {spec!r}: no such directory ({path.absolute()}).{_did_you_mean(spec)} Pass "
@@ -94,10 +114,18 @@ def resolve(spec: str) -> ModelSpec:
 
 
 def organisms() -> list[str]:
-    """Names of the model organisms shipped in ``fixtures/organisms``."""
-    if not ORGANISMS.is_dir():
+    """Names of the model organisms shipped in ``organisms_dir()``."""
+    root = organisms_dir()
+    if not root.is_dir():
         return []
-    return sorted(p.name for p in ORGANISMS.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def checkpoint_shape(spec: str) -> tuple[int, int, int, int]:
+    """``(n_layers, n_heads, d_model, d_vocab)`` of a local checkpoint (a directory or a shipped
+    organism), from its config.json, without loading it."""
+    cfg = json.loads((resolve(spec).path / "config.json").read_text())
+    return (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["vocab_size"])
 
 
 def _from_hub_cache(name: str) -> Path:
@@ -130,7 +158,7 @@ def _from_hub_cache(name: str) -> Path:
     return path
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     """The safetensors files a checkpoint loads from: ``model.safetensors``, or every shard of
     a complete ``model.safetensors.index.json``; anything else is refused."""
     if (path / WEIGHTS).is_file():
@@ -206,7 +234,7 @@ def check_checkpoint(path: Path) -> None:
         )
     from safetensors import safe_open
 
-    for w in _weight_files(path):
+    for w in weight_files(path):
         try:
             with safe_open(str(w), framework="pt") as f:
                 keys = list(f.keys())
@@ -368,8 +396,38 @@ def load_model(spec: str, device: str | None = None, dtype: str | torch.dtype = 
     if compat:
         model.enable_compatibility_mode(disable_warnings=True)
     model.eval()
-    model.mechtests_spec = resolved  # type: ignore[attr-defined]
+    remember(model, resolved)
     return model
+
+
+# What mechtests knows about a model it loaded (or a mutant it built), held beside the model
+# rather than on it: entries go when the model does.
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def remember(model, spec: ModelSpec, reference=None) -> None:
+    """Record where ``model``'s checkpoint is (``spec``) and, for a model built in memory (a
+    mutant), the Hugging Face model its engine checks itself against."""
+    _SPECS[model] = spec
+    if reference is not None:
+        _REFERENCES[model] = reference
+
+
+def spec_of(model) -> ModelSpec | None:
+    """The ``ModelSpec`` ``model`` was loaded from by ``load_model``, or None."""
+    try:
+        return _SPECS.get(model)
+    except TypeError:  # not weak-referenceable: not one of ours
+        return None
+
+
+def reference_of(model):
+    """The in-memory Hugging Face reference of a model built by mechtests (a mutant), or None."""
+    try:
+        return _REFERENCES.get(model)
+    except TypeError:
+        return None
 
 
 def describe(model) -> str:

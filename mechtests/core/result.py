@@ -45,6 +45,46 @@ class Result:
             )
 
     # -- reading -------------------------------------------------------------------------------
+    def _meta(self, key: str, what: str) -> Any:
+        if key not in self.meta:
+            raise AttributeError(f"Result {self.name!r} has no {key!r}: {what} come with "
+                                 f"patching, ablation and attribution results that measure it")
+        return self.meta[key]
+
+    @property
+    def clean(self) -> float:
+        """The unpatched clean run's mean metric (patching, ablation)."""
+        return float(self._meta("clean", "clean metrics"))
+
+    @property
+    def corrupted(self) -> float:
+        """The corrupted run's mean metric (patching)."""
+        return float(self._meta("corrupted", "corrupted metrics"))
+
+    @property
+    def clean_per_prompt(self) -> torch.Tensor:
+        """The clean run's metric per prompt, ``[n_prompts]``."""
+        return torch.tensor(self._meta("clean_per_prompt", "per-prompt clean metrics"))
+
+    @property
+    def corrupted_per_prompt(self) -> torch.Tensor:
+        """The corrupted run's metric per prompt, ``[n_prompts]``."""
+        return torch.tensor(self._meta("corrupted_per_prompt", "per-prompt corrupted metrics"))
+
+    @property
+    def slope(self) -> float:
+        """Least-squares slope of the mean metric against the swept axis (steering)."""
+        return float(self._meta("slope", "slopes"))
+
+    @property
+    def r2(self) -> float:
+        """r^2 of that least-squares line (steering)."""
+        return float(self._meta("r2", "fits"))
+
+    def restored(self) -> Result:
+        """``normalized(clean, corrupted)``: 0 = the corrupted run, 1 = the clean run."""
+        return self.normalized(self.clean, self.corrupted)
+
     def index(self, **where: int | str) -> tuple[int, ...]:
         """Index tuple for labelled coordinates, e.g. ``index(layer=9, head=9)``."""
         idx = []

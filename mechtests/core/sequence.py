@@ -14,10 +14,11 @@ import glob
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mechtests.core.models import CheckpointError, _weight_files
+from mechtests.core.models import CheckpointError, weight_files
 
 GLOB_CHARS = "*?["
 SHAPE_KEYS = (("model_type",), ("n_layer", "num_hidden_layers"),
@@ -142,7 +143,7 @@ def weight_hash(path: Path) -> dict[str, Any]:
     model.safetensors, or every shard of its index; the combined hash of shards is the sha256 of
     their ``name sha256`` lines)."""
     files = {}
-    for f in _weight_files(Path(path)):
+    for f in weight_files(Path(path)):
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -181,3 +182,18 @@ def identical_weights(checkpoints: dict[str, dict[str, Any]]) -> list[str]:
             f"{digest[:12]}...); one training step may be serving another's weights, as "
             f"published step branches have (EleutherAI/pythia issues 205, 206)"
             for digest, ms in groups.items() if len(ms) > 1]
+
+
+def unique_specs(specs: Sequence[str]) -> list[str]:
+    """The specs once each, in order: the same model given twice runs (and is reported) once.
+
+    A sequence (a directory of checkpoints, or a glob) becomes its checkpoints, ordered by
+    training step. Two spellings of one existing directory (``ckpt``, ``./ckpt/``) count as
+    the same model. A bad sequence raises ``SequenceError``.
+    """
+    seen: dict[str, str] = {}
+    for spec in expand_all(list(specs)):
+        path = Path(spec).expanduser()
+        key = str(path.resolve()) if path.is_dir() else spec
+        seen.setdefault(key, spec)
+    return list(seen.values())

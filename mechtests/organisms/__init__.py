@@ -13,19 +13,39 @@ the last two have their own ``train`` and ``findings`` commands.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures" / "organisms"
 NAMES = ("bigram", "induction", "multitask", "skip-trigram", "prose")
 
 
 def fixture_dir(name: str) -> Path:
-    """Where the shipped checkpoint of organism ``name`` lives."""
+    """Where the shipped checkpoint of organism ``name`` lives (``core.models.organism_dir``)."""
+    from mechtests.core.models import organism_dir
+
     if name not in NAMES:
         raise ValueError(f"organism {name!r}: choose one of {', '.join(NAMES)}")
-    return FIXTURES / name
+    return organism_dir(name)
+
+
+def cli(prog: str, doc: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """A recipe's command line, ``train --out DIR`` and ``findings --dir DIR``: (the parser,
+    the ``train`` subparser for the recipe's own options)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--out", type=Path, required=True)
+    sub.add_parser("findings").add_argument("--dir", type=Path, required=True)
+    return p, t
+
+
+def save_findings(d: Path, found: dict[str, Any], text: str, sort_keys: bool = True) -> str:
+    """Write an organism's ``findings.json`` and ``FINDINGS.md`` (``text``) into ``d``."""
+    (d / "findings.json").write_text(json.dumps(found, indent=1, sort_keys=sort_keys) + "\n")
+    (d / "FINDINGS.md").write_text(text)
+    return text
 
 
 def findings(name_or_dir: str | Path) -> dict[str, Any]:

@@ -18,6 +18,13 @@ from typing import Any
 
 import torch
 
+from mechtests.analysis.attribution import head_attribution
+from mechtests.analysis.heads import attention_between, offset_scores, patterns
+from mechtests.analysis.heads import repeat_loss as heads_repeat_loss
+from mechtests.analysis.patching import sweep
+from mechtests.core.metrics import logit_diff
+from mechtests.core.result import Result
+from mechtests.core.sites import Head
 from mechtests.organisms import language as lang
 
 # ---------------------------------------------------------------------------------------------
@@ -33,9 +40,7 @@ def _vocab(model) -> dict[str, int]:
 
 def to_tokens(model, texts: Sequence[str]) -> torch.Tensor:
     """``<bos>`` + word ids, [n, T]; all texts must have the same word count."""
-    from mechtests.organisms.train import encode
-
-    rows = encode(list(texts), _vocab(model))
+    rows = lang.encode(list(texts), _vocab(model))
     if len({len(r) for r in rows}) > 1:
         raise ValueError("texts of one batch need the same word count (group by template)")
     return torch.tensor(rows)
@@ -90,15 +95,11 @@ def task_logit_diff(model, task: str, n: int = 200, seed: int = 0, split: str = 
     return total / len(items)
 
 
-def _head_label(layer: int, head: int) -> str:
-    return f"{layer}.{head}"
-
-
 def _ranked(scores: torch.Tensor, threshold: float | None = None, k: int | None = None,
             ) -> list[tuple[str, float]]:
     """Heads sorted by score: ``[("1.3", 0.93), ...]``, above ``threshold`` / top ``k``."""
     L, H = scores.shape
-    out = sorted(((_head_label(la, h), float(scores[la, h])) for la in range(L) for h in range(H)),
+    out = sorted(((str(Head(la, h)), float(scores[la, h])) for la in range(L) for h in range(H)),
                  key=lambda x: -x[1])
     if threshold is not None:
         out = [x for x in out if x[1] > threshold]
@@ -106,14 +107,8 @@ def _ranked(scores: torch.Tensor, threshold: float | None = None, k: int | None 
 
 
 # ---------------------------------------------------------------------------------------------
-# attention-pattern scores (previous-token, induction)
-
-
-def _patterns(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Attention patterns [layer, batch, head, query, key]."""
-    names = [f"blocks.{la}.attn.hook_pattern" for la in range(model.cfg.n_layers)]
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    return torch.stack([cache[n] for n in names])
+# attention-pattern scores (look-back, induction) and repeat loss: the library's views
+# (``mechtests.analysis.heads``) on the organisms' random-word prompts
 
 
 def random_tokens(model, n: int, length: int, seed: int = 0, repeat: bool = False,
@@ -127,20 +122,18 @@ def random_tokens(model, n: int, length: int, seed: int = 0, repeat: bool = Fals
 def prev_token_scores(model, n: int = 50, length: int = 20, seed: int = 0, offset: int = 1,
                       ) -> torch.Tensor:
     """[layer, head]: mean attention from each word to the word ``offset`` before it (random
-    words; ``offset=1`` is the previous-token score)."""
-    pat = _patterns(model, random_tokens(model, n, length, seed))
-    q = torch.arange(offset + 1, length + 1)
-    return pat[:, :, :, q, q - offset].mean(dim=(1, 3))
+    words; ``offset=1`` is the previous-token score): ``heads.offset_scores("lookback")``."""
+    toks = random_tokens(model, n, length, seed)
+    return offset_scores(model, toks, "lookback", offset, bos=True).values
 
 
 def induction_scores(model, n: int = 50, length: int = 10, seed: int = 0, offset: int = 1,
                      ) -> torch.Tensor:
     """[layer, head]: mean attention, in the second copy of a repeated random segment, from each
     word to the word ``offset`` after its first occurrence (``offset=1``: the induction target,
-    ``0``: the duplicate token itself)."""
-    pat = _patterns(model, random_tokens(model, n, length, seed, repeat=True))
-    q = torch.arange(length + 1, 2 * length + 1 - max(0, offset - 1))
-    return pat[:, :, :, q, q - length + offset].mean(dim=(1, 3))
+    ``0``: the duplicate token itself): ``heads.offset_scores("induction")``."""
+    toks = random_tokens(model, n, length, seed, repeat=True)
+    return offset_scores(model, toks, "induction", offset, bos=True).values
 
 
 def _best_offset(fn: Callable[..., torch.Tensor], model, offsets: Sequence[int],
@@ -174,77 +167,47 @@ def find_induction_heads(model, threshold: float = 0.5, offsets: Sequence[int] =
     return _find(induction_scores, model, threshold, offsets)
 
 
-def _z_hooks(ablate: Sequence[str]) -> list[tuple[str, Callable]]:
-    """Hooks zeroing the output (z) of heads ``"L.H"``."""
-    by_layer: dict[int, list[int]] = {}
-    for head in ablate:
-        la, h = (int(x) for x in head.split("."))
-        by_layer.setdefault(la, []).append(h)
-
-    def make(hs: list[int]):
-        def hook(z, hook=None):
-            z = z.clone()
-            z[:, :, hs] = 0.0
-            return z
-        return hook
-
-    return [(f"blocks.{la}.attn.hook_z", make(hs)) for la, hs in by_layer.items()]
-
-
 @torch.no_grad()
 def repeat_loss(model, n: int = 100, length: int = 10, seed: int = 0,
                 ablate: Sequence[str] = ()) -> dict[str, float]:
     """Mean next-word loss on the first and on the second (repeated) copy of random segments,
-    optionally with heads zero-ablated."""
-    tokens = random_tokens(model, n, length, seed, repeat=True)
-    if ablate:
-        logits = model.run_with_hooks(tokens, fwd_hooks=_z_hooks(ablate))
-    else:
-        logits = logits_of(model, tokens)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:],
-                                            reduction="none")
-    # prediction at index i is for token i+1; token 1..L first copy, L+1..2L second
-    first = nll[:, 1:length].mean()  # skip predicting the very first word from <bos>
-    second = nll[:, length:].mean()
-    return {"first_half": float(first), "second_half": float(second)}
+    optionally with heads zero-ablated (``heads.repeat_loss``; the second copy's first word,
+    unpredictable, counts)."""
+    toks = random_tokens(model, n, length, seed, repeat=True)
+    r = heads_repeat_loss(model, toks, ablate, second_from=1, bos=True)
+    return {"first_half": r.at(copy="first"), "second_half": r.at(copy="second")}
 
 
 # ---------------------------------------------------------------------------------------------
-# attribution and patching on a family of prompts (one template, equal lengths)
+# attribution and patching on a family of prompts (one template, equal lengths): the library's
+# views (``mechtests.analysis.attribution``, ``heads``, ``patching``)
+
+
+def _answers(model, items: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (word_ids(model, [d["answer"] for d in items]),
+            word_ids(model, [d["counterfactual"] for d in items]))
 
 
 @torch.no_grad()
 def head_dla(model, items: Sequence[dict[str, Any]]) -> torch.Tensor:
     """[layer, head]: each head's direct contribution at END to logit(answer) - logit(cf),
-    through the final LayerNorm's scale (compat mode: folded, centred unembedding)."""
+    through the final LayerNorm's scale (``attribution.head_attribution``)."""
     tokens = to_tokens(model, [d["clean"] for d in items])
-    direction = (model.W_U[:, word_ids(model, [d["answer"] for d in items])]
-                 - model.W_U[:, word_ids(model, [d["counterfactual"] for d in items])]).T
-    names = [f"blocks.{la}.attn.hook_z" for la in range(model.cfg.n_layers)]
-    _, cache = model.run_with_cache(
-        tokens, names_filter=lambda n: n in names or n == "ln_final.hook_scale")
-    scale = cache["ln_final.hook_scale"][:, -1]  # [b, 1]
-    out = []
-    for la, name in enumerate(names):
-        z = cache[name][:, -1]  # [b, H, d_head]
-        head_out = torch.einsum("bhe,hed->bhd", z, model.W_O[la]) / scale[:, :, None]
-        out.append(torch.einsum("bhd,bd->bh", head_out, direction).mean(0))
-    return torch.stack(out)
+    return head_attribution(model, tokens, *_answers(model, items)).values
 
 
 @torch.no_grad()
 def attention_to(model, items: Sequence[dict[str, Any]], position: str) -> torch.Tensor:
     """[layer, head]: mean attention from END to the named word position (+1 for <bos>)."""
     tokens = to_tokens(model, [d["clean"] for d in items])
-    pat = _patterns(model, tokens)
     k = torch.tensor([d["positions"][position] + 1 for d in items])
-    from_end = pat[:, :, :, -1, :].permute(1, 0, 2, 3)  # [batch, layer, head, key]
-    return from_end[torch.arange(len(items)), :, :, k].mean(0)
+    return attention_between(model, tokens, -1, k).values
 
 
-def _logit_diff(logits: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    lg = logits[:, -1]
-    return (lg.gather(1, a[:, None]) - lg.gather(1, c[:, None]))[:, 0]
+def _patched(model, items: Sequence[dict[str, Any]], site: str, **kw: Any) -> Result:
+    clean = to_tokens(model, [d["clean"] for d in items])
+    bad = to_tokens(model, [d["corrupted"] for d in items])
+    return sweep(model, site, clean, bad, logit_diff(*_answers(model, items)), **kw)
 
 
 @torch.no_grad()
@@ -254,52 +217,20 @@ def head_patching(model, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Returns ``{"clean", "corrupted"}`` mean logit diffs and ``"restored"`` [layer, head]:
     (patched - corrupted) / (clean - corrupted), 1 = the head alone restores the behaviour.
     """
-    clean = to_tokens(model, [d["clean"] for d in items])
-    bad = to_tokens(model, [d["corrupted"] for d in items])
-    a = word_ids(model, [d["answer"] for d in items])
-    c = word_ids(model, [d["counterfactual"] for d in items])
-    names = [f"blocks.{la}.attn.hook_z" for la in range(model.cfg.n_layers)]
-    clean_logits, cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
-    ld_clean = float(_logit_diff(clean_logits, a, c).mean())
-    ld_bad = float(_logit_diff(logits_of(model, bad), a, c).mean())
-    out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-    for la, name in enumerate(names):
-        for h in range(model.cfg.n_heads):
-            def hook(z, hook=None, h=h, name=name):
-                z = z.clone()
-                z[:, :, h] = cache[name][:, :, h]
-                return z
-            lg = model.run_with_hooks(bad, fwd_hooks=[(name, hook)])
-            out[la, h] = float(_logit_diff(lg, a, c).mean())
-    return {"clean": ld_clean, "corrupted": ld_bad,
-            "restored": (out - ld_bad) / (ld_clean - ld_bad)}
+    r = _patched(model, items, "z")
+    return {"clean": r.clean, "corrupted": r.corrupted,
+            "restored": r.restored().values}
 
 
 @torch.no_grad()
 def resid_patching(model, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Patch ``resid_pre`` of each layer (and the final ``resid_post``) at each position from
     clean into corrupted. ``"restored"`` [n_layers + 1, T] as in ``head_patching``."""
-    clean = to_tokens(model, [d["clean"] for d in items])
-    bad = to_tokens(model, [d["corrupted"] for d in items])
-    a = word_ids(model, [d["answer"] for d in items])
-    c = word_ids(model, [d["counterfactual"] for d in items])
-    L = model.cfg.n_layers
-    names = [f"blocks.{la}.hook_resid_pre" for la in range(L)] + [f"blocks.{L-1}.hook_resid_post"]
-    clean_logits, cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
-    ld_clean = float(_logit_diff(clean_logits, a, c).mean())
-    ld_bad = float(_logit_diff(logits_of(model, bad), a, c).mean())
-    T = clean.shape[1]
-    out = torch.zeros(L + 1, T)
-    for i, name in enumerate(names):
-        for p in range(T):
-            def hook(x, hook=None, p=p, name=name):
-                x = x.clone()
-                x[:, p] = cache[name][:, p]
-                return x
-            out[i, p] = float(_logit_diff(model.run_with_hooks(bad, fwd_hooks=[(name, hook)]),
-                                          a, c).mean())
-    return {"clean": ld_clean, "corrupted": ld_bad,
-            "restored": (out - ld_bad) / (ld_clean - ld_bad),
+    pre = _patched(model, items, "resid_pre")
+    post = _patched(model, items, "resid_post", layers=[model.cfg.n_layers - 1])
+    values = torch.cat([pre.values, post.values])
+    return {"clean": pre.clean, "corrupted": pre.corrupted,
+            "restored": (values - pre.corrupted) / (pre.clean - pre.corrupted),
             "words": ["<bos>", *items[0]["clean"].split()]}
 
 
@@ -477,8 +408,8 @@ def multitask_findings(model, n: int = 100, seed: int = EVAL_SEED) -> dict[str, 
         patch = head_patching(model, items)
         att = {p: attention_to(model, items, p) for p in attend}
         top = _ranked(dla, k=3)
-        pat = _patterns(model, to_tokens(model, [d["clean"] for d in items]))[:, :, :, -1]
-        pat = pat.mean(1)  # [layer, head, key]: mean attention from END
+        pat = patterns(model, to_tokens(model, [d["clean"] for d in items]))[:, :, :, -1]
+        pat = pat.mean(0)  # [layer, head, key]: mean attention from END
         words = ["<bos>", *items[0]["clean"].split()]
 
         def most(h: str) -> str:
@@ -514,8 +445,8 @@ def multitask_findings(model, n: int = 100, seed: int = EVAL_SEED) -> dict[str, 
 
 
 def _hl(head: str) -> tuple[int, int]:
-    la, h = head.split(".")
-    return int(la), int(h)
+    h = Head.parse(head)
+    return h.layer, h.head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,7 +602,7 @@ def findings_for(name: str, model, out_dir: Path | None = None) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> None:
     from mechtests.core.models import describe, load_model
-    from mechtests.organisms import fixture_dir
+    from mechtests.organisms import fixture_dir, save_findings
 
     p = argparse.ArgumentParser(prog="python -m mechtests.organisms.analysis",
                                 description="Measure an organism's mechanism; write findings.")
@@ -687,9 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     f = {"organism": a.organism, "model": describe(model),
          "command": training.get("command", "?").replace(
              "--out DIR", f"--out fixtures/organisms/{a.organism}"), **f}
-    (d / "findings.json").write_text(json.dumps(f, indent=1, sort_keys=True) + "\n")
-    (d / "FINDINGS.md").write_text(render(a.organism, f))
-    print((d / "FINDINGS.md").read_text())
+    print(save_findings(d, f, render(a.organism, f)))
 
 
 if __name__ == "__main__":

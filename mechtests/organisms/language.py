@@ -219,6 +219,14 @@ def _pick_template(rng: random.Random, templates: Sequence[str], template: int |
     return template
 
 
+def _pick(rng: random.Random, value: str | None, options: tuple[str, str], what: str) -> str:
+    """``value``, or a random one of ``options`` when None (one draw either way it is drawn)."""
+    v = value or rng.choice(options)
+    if v not in options:
+        raise ValueError(f"{what} {v!r}: use {options[0]!r} or {options[1]!r}")
+    return v
+
+
 def ioi_prompts(n: int, seed: int = 0, order: str | None = None, template: int | None = None,
                 split: str = "train", corruption: str = "abc") -> list[dict[str, Any]]:
     """IOI prompts: ``When Mary and John went to the store , John gave a drink to`` -> Mary.
@@ -235,9 +243,7 @@ def ioi_prompts(n: int, seed: int = 0, order: str | None = None, template: int |
     out = []
     for _ in range(n):
         t = _pick_template(rng, IOI_TEMPLATES, template)
-        o = order or rng.choice(("ABBA", "BABA"))
-        if o not in ("ABBA", "BABA"):
-            raise ValueError(f"order {o!r}: use 'ABBA' or 'BABA'")
+        o = _pick(rng, order, ("ABBA", "BABA"), "order")
         io, s, x, y, z = rng.sample(pool, 5)
         place, obj = rng.choice(pl), rng.choice(ob)
         a, b = (io, s) if o == "ABBA" else (s, io)
@@ -299,9 +305,7 @@ def contraction_prompts(n: int, seed: int = 0, template: int | None = None,
     out = []
     for _ in range(n):
         t = _pick_template(rng, CONTRACTION_TEMPLATES, template)
-        st = style or rng.choice(("contracted", "full"))
-        if st not in ("contracted", "full"):
-            raise ValueError(f"style {st!r}: use 'contracted' or 'full'")
+        st = _pick(rng, style, ("contracted", "full"), "style")
         k = 1 if st == "contracted" else 0
         p1, p2 = rng.choice(list(CONTRACTIONS)), rng.choice(list(CONTRACTIONS))
         slots = dict(P1=p1, P2=p2, V1=CONTRACTIONS[p1][k], ADJ=rng.choice(ADJECTIVES),
@@ -331,9 +335,7 @@ def gender_prompts(n: int, seed: int = 0, template: int | None = None, gender: s
     out = []
     for _ in range(n):
         t = _pick_template(rng, GENDER_TEMPLATES, template)
-        g = gender or rng.choice(("male", "female"))
-        if g not in ("male", "female"):
-            raise ValueError(f"gender {g!r}: use 'male' or 'female'")
+        g = _pick(rng, gender, ("male", "female"), "gender")
         other = "female" if g == "male" else "male"
         pair = rng.choice(pairs)
         noun, swapped = (pair[0], pair[1]) if g == "male" else (pair[1], pair[0])
@@ -499,4 +501,15 @@ def bigram_sample(n: int, length: int, seed: int = 0):
     out = torch.zeros(n, length, dtype=torch.long)  # column 0 is <bos> (id 0)
     for t in range(1, length):
         out[:, t] = torch.multinomial(P[out[:, t - 1]], 1, generator=g)[:, 0]
+    return out
+
+
+def encode(texts: Sequence[str], ids: dict[str, int]) -> list[list[int]]:
+    """``<bos>`` + word ids of each text (the organisms' word-level tokenization)."""
+    out = []
+    for t in texts:
+        try:
+            out.append([ids["<bos>"]] + [ids[w] for w in t.split()])
+        except KeyError as exc:
+            raise ValueError(f"word {exc} of {t!r} is not in the vocabulary") from None
     return out

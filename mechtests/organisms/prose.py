@@ -20,7 +20,6 @@ from the library's own tools (``mechtests.analysis.heads``, ``mechtests.analysis
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -30,8 +29,19 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from mechtests.analysis.heads import (
+    head_scores,
+    repeat_loss,
+    repeated_random_tokens,
+    score_patterns,
+)
+from mechtests.core.sites import Head
+from mechtests.organisms import cli, save_findings
+from mechtests.organisms.train import optimizer, optimizer_step
 
 CORPUS = Path("/usr/share/dictd/gcide.dict.dz")
 PACKAGE = "dict-gcide"
@@ -195,18 +205,11 @@ def repeated_prose_loss(model, r: ProseRecipe, stream: torch.Tensor, n: int = 64
 def head_score_snapshot(model, r: ProseRecipe) -> dict[str, list[list[float]]]:
     """Previous-token and induction scores per head (TL's definitions, offset 1) of a raw
     HF model during training, on repeated random tokens (BOS + 2 x 20)."""
-    from mechtests.analysis.heads import detection_pattern, repeated_random_tokens
-
     toks = repeated_random_tokens(20, batch=8, seed=0, vocab_range=(1, r.vocab_size), bos=0)
     att = model(toks, output_attentions=True).attentions  # L x [n, H, T, T]
     pat = torch.stack(att, 1)
-    out = {}
-    for kind in ("previous_token", "induction"):
-        det = detection_pattern(toks, kind)[:, None, None]
-        rows = det.sum(-1) > 0
-        ratio = (pat * det).sum(-1) / pat.sum(-1)
-        out[kind] = ((ratio * rows).sum(-1) / rows.sum(-1)).mean(0).tolist()
-    return out
+    return {kind: score_patterns(pat, toks, kind, "targets").mean(0).tolist()
+            for kind in ("previous_token", "induction")}
 
 
 def train(r: ProseRecipe, log=print):
@@ -220,12 +223,7 @@ def train(r: ProseRecipe, log=print):
     log(f"corpus {len(text):,} chars -> {len(stream) + len(evals):,} tokens "
         f"({time.time() - t0:.0f} s)")
     model = make_model(r, len(tok))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr,
-                            betas=(0.9, 0.98))
+    params, opt = optimizer(model, r.lr, r.weight_decay)
     g = torch.Generator().manual_seed(r.seed)
     history = []
     for step in range(r.steps + 1):
@@ -244,16 +242,8 @@ def train(r: ProseRecipe, log=print):
             break
         lr = r.lr * (step + 1) / r.warmup if step < r.warmup else r.lr * (
             0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - r.warmup) / (r.steps - r.warmup))))
-        for group in opt.param_groups:
-            group["lr"] = lr
         toks = window_batch(r, stream, g, r.batch)
-        logits = model(toks).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 toks[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(model, opt, params, toks, lr)
     model.eval()
     return model, tok, history
 
@@ -269,17 +259,152 @@ def save(model, tok, r: ProseRecipe, history: list[dict], out: Path) -> None:
             "command": "python -m mechtests.organisms.prose train --out DIR"}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
 
+# ---------------------------------------------------------------------------------------------
+# findings, from the library's own tools: ``mechtests.analysis.heads.head_scores`` (TL's
+# definitions, offset 1) on repeated random tokens and repeated held-out prose, and
+# ``mechtests.analysis.patching.ablate`` for what zero-ablating heads costs
+
+PREV_THRESHOLD = 0.5  # a previous-token head: most of its attention on the previous token
+INDUCTION_THRESHOLD = 0.5  # an induction head: most of its attention on the induction target
+N_RANDOM, N_PROSE, PREFIX = 23, 27, 20  # 1 + 2 x 23 and 1 + 27 + 20 fit 48 positions
+
+
+def prose_repeats(model, n: int = 32, seed: int = 2, corpus_chars: int | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [n, 1 + N_PROSE + PREFIX], next-token answers [n]): held-out prose segments of
+    ``N_PROSE`` tokens followed by the first ``PREFIX`` tokens of themselves; the answer is the
+    segment's next token, which only copying the earlier text predicts."""
+    text = corpus_text(corpus_chars or ProseRecipe().corpus_chars)
+    stream = held_out(encode_corpus(model.tokenizer, text))[1]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - N_PROSE, (n,), generator=g).tolist()
+    segs = torch.stack([stream[s: s + N_PROSE] for s in starts])
+    bos = torch.full((n, 1), model.tokenizer.bos_token_id)
+    return torch.cat([bos, segs, segs[:, :PREFIX]], 1), segs[:, PREFIX]
+
+
+def _ranked(r, threshold: float) -> list[tuple[str, float]]:
+    return [(h, round(v, 4)) for h, v in r.top_k(r.values.numel()) if v > threshold]
+
+
+@torch.no_grad()
+def prose_findings(model, corpus_chars: int | None = None) -> dict[str, Any]:
+    from mechtests.analysis.patching import ablate
+
+    V, bos = model.cfg.d_vocab, model.tokenizer.bos_token_id
+    rand = repeated_random_tokens(N_RANDOM, batch=16, seed=0, vocab_range=(bos + 1, V), bos=bos)
+    prose, answers = prose_repeats(model, corpus_chars=corpus_chars)
+    out: dict[str, Any] = {"scores": {}}
+    for name, toks in (("random", rand), ("prose", prose)):
+        out["scores"][name] = {
+            kind: head_scores(model, toks, kind, over="targets").values.tolist()
+            for kind in ("previous_token", "induction", "duplicate_token")}
+    prev = head_scores(model, rand, "previous_token", over="targets")
+    ind = head_scores(model, rand, "induction", over="targets")
+    out["previous_token_heads"] = _ranked(prev, PREV_THRESHOLD)
+    out["induction_heads"] = _ranked(ind, INDUCTION_THRESHOLD)
+
+    idx = torch.arange(len(answers))
+
+    def logprob(logits: torch.Tensor) -> torch.Tensor:  # [..., n, V] -> [..., n]
+        return logits.log_softmax(-1)[..., idx, answers]
+
+    heads = [str(Head(la, h)) for la in range(model.cfg.n_layers)
+             for h in range(model.cfg.n_heads)]
+    single = ablate(model, prose, heads, logprob, how="zero")
+    out["prose_copy_logprob"] = single.clean
+    out["ablate_each_head"] = {c: round(float(v), 4) for c, v in
+                               zip(single.labels["component"], single.values)}
+    for role in ("induction_heads", "previous_token_heads"):
+        named = [h for h, _ in out[role]]
+        if named:
+            together = ablate(model, prose, named, logprob, how="zero", together=True)
+            out[f"ablate_{role}"] = float(together.values.reshape(-1)[0])
+    # next-token loss on the random tokens' first copy (tokens 1..N) and the repeated one
+    # (tokens 2..N, predictable only by induction)
+    loss = repeat_loss(model, rand, first_from=1, bos=True)
+    out["random_repeat_loss"] = {"first_half": loss.at(copy="first"),
+                                 "second_half": loss.at(copy="second")}
+    return out
+
+
+def _mat(rows: list[list[float]]) -> str:
+    head = "| layer | " + " | ".join(f"head {h}" for h in range(len(rows[0]))) + " |"
+    sep = "| --- " * (len(rows[0]) + 1) + "|"
+    body = [f"| {i} | " + " | ".join(f"{v:.3f}" for v in r) + " |" for i, r in enumerate(rows)]
+    return "\n".join([head, sep, *body])
+
+
+def render(f: dict[str, Any], training: dict[str, Any]) -> str:
+    r = training.get("recipe", {})
+    hist = training.get("history", [])
+    heads = ", ".join(f"{h} ({v:.2f})" for h, v in f["induction_heads"]) or "none"
+    prevs = ", ".join(f"{h} ({v:.2f})" for h, v in f["previous_token_heads"]) or "none"
+    rl = f["random_repeat_loss"]
+    lines = [
+        "# Findings: prose (natural-text induction organism)", "",
+        f"Model: {f['model']}, attention-only (MLPs zeroed and frozen), trained with "
+        f"`{f['command']}` on the 1913 Webster of GCIDE (Debian package `{PACKAGE}`), "
+        f"byte-level BPE of {r.get('vocab_size')} tokens trained on the corpus; "
+        f"{r.get('steps')} steps of {r.get('batch')} x {r.get('n_positions')} tokens; in "
+        f"{r.get('repeat_share')} of the windows a span of the window's own prose is repeated "
+        f"at its end. Measured with `mechtests.analysis.heads.head_scores` (TransformerLens's "
+        f"definitions, offset 1, mean over the query rows that have a target) and "
+        f"`mechtests.analysis.patching.ablate` (zero ablation of a head's z).", "",
+        "## Mechanism", "",
+        f"- Previous-token heads (attention to the token before > {PREV_THRESHOLD}, repeated "
+        f"random tokens): **{prevs}**.",
+        f"- Induction heads (attention to the token after the current token's earlier copy > "
+        f"{INDUCTION_THRESHOLD}): **{heads}**.",
+        f"- Loss on repeated random tokens (BOS + 2 x {N_RANDOM}): first half "
+        f"{rl['first_half']:.3f} nats, repeated half **{rl['second_half']:.3f}** nats.",
+        f"- Repeated held-out prose ({N_PROSE} tokens, then its first {PREFIX} again): mean "
+        f"log-probability of the next copied token {f['prose_copy_logprob']:.3f}.",
+    ]
+    for role in ("induction_heads", "previous_token_heads"):
+        if f"ablate_{role}" in f:
+            lines.append(f"- Zero-ablating the {role.replace('_', ' ')} together: that "
+                         f"log-probability becomes **{f[f'ablate_{role}']:.3f}**.")
+    lines += ["", "Each head zero-ablated alone (log-probability of the copied token; "
+              f"unablated {f['prose_copy_logprob']:.3f}):", "",
+              "| head | " + " | ".join(f["ablate_each_head"]) + " |",
+              "| --- " * (len(f["ablate_each_head"]) + 1) + "|",
+              "| logprob | " + " | ".join(f"{v:.3f}" for v in f["ablate_each_head"].values())
+              + " |"]
+    if hist:
+        lines += ["", "## During training", "",
+                  "Held-out prose windows ending in a repeat of 20 of their own tokens: loss on "
+                  "the repeated span against the same tokens' first occurrence, and the best "
+                  "scores (repeated random tokens).", "",
+                  "| step | tokens | repeated span | first occurrence | best prev-token (layer 0) "
+                  "| best induction (layer 1) |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {h['step']} | {h['tokens_seen']:,} | {h['repeated_span']:.3f} | "
+                  f"{h['first_occurrence']:.3f} | {h['best_previous_token_layer0']:.3f} | "
+                  f"{h['best_induction_later_layers']:.3f} |" for h in hist]
+    for name in ("random", "prose"):
+        for kind, m in f["scores"][name].items():
+            lines += ["", f"{kind.replace('_', ' ')} scores on repeated {name} tokens:", "",
+                      _mat(m)]
+    return "\n".join(lines) + "\n"
+
+
+def write_findings(d: Path) -> str:
+    """Measure the checkpoint in ``d``; write findings.json and FINDINGS.md beside it."""
+    from mechtests.core.models import describe, load_model
+
+    torch.set_num_threads(1)
+    model = load_model(str(d), device="cpu")
+    training = json.loads((d / "training.json").read_text())
+    f = {"organism": "prose", "model": describe(model),
+         "command": training["command"].replace("--out DIR", "--out fixtures/organisms/prose"),
+         **prose_findings(model, training["recipe"]["corpus_chars"])}
+    return save_findings(d, f, render(f, training))
+
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mechtests.organisms.prose",
-                                description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("--out", type=Path, required=True)
+    p, t = cli("python -m mechtests.organisms.prose", __doc__)
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--install", action="store_true", help=f"apt-get install {PACKAGE} first")
-    f = sub.add_parser("findings")
-    f.add_argument("--dir", type=Path, required=True)
     a = p.parse_args(argv)
     if a.cmd == "train":
         if a.install:
@@ -293,8 +418,6 @@ def main(argv: list[str] | None = None) -> None:
         save(model, tok, r, history, a.out)
         print(f"wrote {a.out}")
     else:
-        from mechtests.organisms.prose_findings import write_findings
-
         print(write_findings(a.dir))
 
 

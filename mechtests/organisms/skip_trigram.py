@@ -19,7 +19,6 @@ findings.json and FINDINGS.md from the library's own tools.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -29,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mechtests.analysis.heads import attention_between, ov_circuit, qk_circuit
+from mechtests.analysis.patching import sweep
+from mechtests.core import metrics as M
+from mechtests.core.engine import run
 
 SPECIALS = ("<bos>", "<unk>")
 # opener -> (completion after "in", completion after "at")
@@ -145,7 +149,7 @@ def accuracy(model, ids: dict[str, int], n: int = 400, seed: int = 10**9 + 7) ->
 
 def train(r: SkipTrigramRecipe, log=print):
     """Train per the recipe; returns (model, tokenizer, scores)."""
-    from mechtests.organisms.train import make_tokenizer
+    from mechtests.organisms.train import make_tokenizer, optimizer, optimizer_step
 
     torch.set_num_threads(1)
     torch.manual_seed(r.seed)
@@ -153,12 +157,7 @@ def train(r: SkipTrigramRecipe, log=print):
     ids = {w: i for i, w in enumerate(words)}
     tok = make_tokenizer(words)
     model = make_model(r, len(words))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr,
-                            betas=(0.9, 0.98))
+    params, opt = optimizer(model, r.lr, r.weight_decay)
     t0 = time.time()
     ema = None
     for step in range(r.steps):
@@ -166,15 +165,7 @@ def train(r: SkipTrigramRecipe, log=print):
         toks = encode([document(rng, r)["text"] for _ in range(r.batch)], ids)
         lr = r.lr * (step + 1) / r.warmup if step < r.warmup else r.lr * (
             0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - r.warmup) / (r.steps - r.warmup))))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        logits = model(toks).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 toks[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = optimizer_step(model, opt, params, toks, lr)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 250 == 0 or step == r.steps - 1:
             log(f"step {step} loss {ema:.3f} ({time.time() - t0:.0f} s)")
@@ -194,16 +185,121 @@ def save(model, tok, r: SkipTrigramRecipe, scores: dict[str, Any], out: Path) ->
             "command": "python -m mechtests.organisms.skip_trigram train --out DIR"}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
 
+# ---------------------------------------------------------------------------------------------
+# findings, from the library's own tools (``python -m mechtests.organisms.skip_trigram findings``)
+
+POSITIONS = range(1, SkipTrigramRecipe().doc_len + 1)
+
+
+def swap_prompts(model, n: int = 64, length: int = 12, seed: int = 7):
+    """Rule prompts (fillers, an opener, the trigger last) and the same with another opener;
+    (clean, corrupted, answers, counterfactuals, opener positions)."""
+    rng = random.Random(seed)
+    tok = model.tokenizer.convert_tokens_to_ids
+    rows: list[list[Any]] = [[], [], [], [], []]
+    for _ in range(n):
+        words = [rng.choice(FILLERS) for _ in range(length)]
+        pa = rng.randint(0, length - 3)
+        a, other = rng.sample(list(RULES), 2)
+        words[-1] = b = rng.choice(TRIGGERS)
+        swapped = list(words)
+        words[pa], swapped[pa] = a, other
+        for row, v in zip(rows, (tok(["<bos>", *words]), tok(["<bos>", *swapped]),
+                                 tok(completion(a, b)), tok(completion(other, b)), pa + 1)):
+            row.append(v)
+    return tuple(torch.tensor(r) for r in rows)
+
+
+@torch.no_grad()
+def skip_trigram_findings(model) -> dict[str, Any]:
+    ids = model.tokenizer.convert_tokens_to_ids
+    openers, triggers, fillers = list(RULES), list(TRIGGERS), list(FILLERS)
+    H = model.cfg.n_heads
+    out: dict[str, Any] = {"heads": {}}
+    for h in range(H):
+        qk = qk_circuit(model, 0, h, ids(triggers), ids(openers + fillers), POSITIONS).values
+        ov = ov_circuit(model, 0, h, ids(openers), positions=POSITIONS)
+        n = len(openers)
+        margins = {b: round(float(qk[i, :n].min() - qk[i, n:].max()), 3)
+                   for i, b in enumerate(triggers)}
+        tops = {a: [ov.labels["output"][t] for t in ov.values[i].topk(3).indices.tolist()]
+                for i, a in enumerate(openers)}
+        hits = {b: sum(completion(a, b) in tops[a][:2] for a in openers) for b in triggers}
+        out["heads"][f"0.{h}"] = {"qk_margin_opener_over_fillers": margins,
+                                  "ov_top3": tops, "completions_in_ov_top2": hits}
+    clean, corrupted, ans, cf, pa = swap_prompts(model)
+    res = sweep(model, "z", clean, corrupted, M.logit_diff(ans, cf),
+                by=("layer", "head"))
+    norm = res.restored()
+    out["patching"] = {"clean_logit_diff": round(res.clean, 3),
+                       "swapped_logit_diff": round(res.corrupted, 3),
+                       "restoration_per_head": [round(float(v), 3) for v in norm.values[0]]}
+    end = torch.full_like(pa, clean.shape[1] - 1)
+    out["attention_trigger_to_opener"] = {
+        w: [round(float(v), 3) for v in attention_between(model, clean, end, pa,
+                                                           weighting=w).values[0]]
+        for w in ("attention", "norm")}
+    logits, _ = run(model, clean, logits_at=-1)
+    out["completion_accuracy"] = round(float((logits.argmax(-1) == ans).float().mean()), 4)
+    return out
+
+
+def render(f: dict[str, Any], training: dict[str, Any]) -> str:
+    heads = f["heads"]
+    lines = ["# Skip-trigram organism: findings", "",
+             "A 1-layer attention-only GPT-2 (4 heads, d_model 64) trained on a language of 16 "
+             "skip-trigrams `A ... B -> C` (8 openers x triggers `in`/`at`; "
+             "`mechtests/organisms/skip_trigram.py`). Measured by "
+             "`python -m mechtests.organisms.skip_trigram findings` with the library's "
+             "`qk_circuit`, `ov_circuit`, `sweep` and `attention_between`.", "",
+             f"Training: {training['recipe']['steps']} steps, "
+             f"{training['scores']['minutes']} min on one core; completion accuracy on fresh "
+             f"rule documents {training['scores']['completion_accuracy']:.3f}; on the "
+             f"swapped-opener prompts below {f['completion_accuracy']:.3f}.", "",
+             "## QK and OV circuits, per head", "",
+             "QK margin: the trigger's lowest score on an opener key minus its highest on a "
+             "filler key (> 0: it attends to any opener over every filler). OV: does the "
+             "opener's OV row put the rule's completion in its top 2 (hits over the 8 "
+             "openers)?", "",
+             "| head | QK margin `in` | QK margin `at` | OV top-2 hits `in` | OV top-2 hits `at` "
+             "| OV top 3 of `keep`, `take` |", "| --- | --- | --- | --- | --- | --- |"]
+    for h, d in heads.items():
+        m, hits, tops = d["qk_margin_opener_over_fillers"], d["completions_in_ov_top2"], \
+            d["ov_top3"]
+        lines.append(f"| {h} | {m['in']:+.2f} | {m['at']:+.2f} | {hits['in']}/8 | {hits['at']}/8 "
+                     f"| {', '.join(tops['keep'])}; {', '.join(tops['take'])} |")
+    p, a = f["patching"], f["attention_trigger_to_opener"]
+    lines += ["", "## Patching: swap the opener (`keep ... in` -> `take ... in`)", "",
+              f"Logit diff (clean completion minus swapped one) at the trigger: clean "
+              f"{p['clean_logit_diff']}, swapped {p['swapped_logit_diff']}. Restoration from "
+              "patching one head's output (hook_z) from the clean run, and attention from the "
+              "trigger to the opener, raw and norm-based (Kobayashi et al. 2020, the share of "
+              "`sum_j ||alpha_j f(x_j)||` that the opener's term takes):", "",
+              "| head | restoration | attention to opener | norm-based share |",
+              "| --- | --- | --- | --- |"]
+    for i, h in enumerate(heads):
+        lines.append(f"| {h} | {p['restoration_per_head'][i]:.3f} | {a['attention'][i]:.3f} "
+                     f"| {a['norm'][i]:.3f} |")
+    lines += ["", "Files: `findings.json` holds every number above; `training.json` the recipe.",
+              ""]
+    return "\n".join(lines)
+
+
+def write_findings(d: Path) -> str:
+    from mechtests.core.models import load_model
+    from mechtests.organisms import save_findings
+
+    model = load_model(str(d), device="cpu")
+    f = skip_trigram_findings(model)
+    text = render(f, json.loads((d / "training.json").read_text()))
+    return save_findings(d, f, text, sort_keys=False)
+
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mechtests.organisms.skip_trigram",
-                                description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("--out", type=Path, required=True)
+    from mechtests.organisms import cli
+
+    p, t = cli("python -m mechtests.organisms.skip_trigram", __doc__)
     t.add_argument("--seed", type=int, default=0)
-    f = sub.add_parser("findings")
-    f.add_argument("--dir", type=Path, required=True)
     a = p.parse_args(argv)
     if a.cmd == "train":
         r = SkipTrigramRecipe(seed=a.seed)
@@ -212,8 +308,6 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(scores))
         print(f"wrote {a.out}")
     else:
-        from mechtests.organisms.skip_trigram_findings import write_findings
-
         print(write_findings(a.dir))
 
 

@@ -114,16 +114,6 @@ def make_model(r: Recipe, d_vocab: int):
 # data
 
 
-def encode(texts: list[str], ids: dict[str, int]) -> list[list[int]]:
-    out = []
-    for t in texts:
-        try:
-            out.append([ids["<bos>"]] + [ids[w] for w in t.split()])
-        except KeyError as exc:
-            raise RecipeError(f"word {exc} of {t!r} is not in the vocabulary") from None
-    return out
-
-
 def batch_docs(r: Recipe, step: int) -> list[dict[str, Any]]:
     """The documents of one training step (deterministic in seed and step)."""
     rng = random.Random(f"batch-{r.seed}-{step}")
@@ -151,7 +141,7 @@ def make_batch(r: Recipe, step: int, ids: dict[str, int]):
         tokens = lang.bigram_sample(r.batch, BIGRAM_SEQ, seed=r.seed * 1_000_003 + step)
         return tokens, torch.ones(tokens.shape[0], tokens.shape[1] - 1)
     docs = batch_docs(r, step)
-    seqs = encode([lang.training_text(d) for d in docs], ids)
+    seqs = lang.encode([lang.training_text(d) for d in docs], ids)
     T = max(len(s) for s in seqs)
     if T > r.n_positions:
         raise RecipeError(f"a document has {T} tokens, more than n_positions={r.n_positions}")
@@ -195,12 +185,7 @@ def train(r: Recipe, progress: bool = True, save_every: int = 0, out: Path | Non
     else:
         model = make_model(r, len(words))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr,
-                            betas=(0.9, 0.98))
+    params, opt = optimizer(model, r.lr, r.weight_decay)
 
     def lr_at(step: int) -> float:
         if step < r.warmup:
@@ -231,6 +216,16 @@ def train(r: Recipe, progress: bool = True, save_every: int = 0, out: Path | Non
             last = batch_loss(model, *make_batch(r, r.steps, ids)).item()
         save_step(model, tok, r, r.steps, last, ema, out, save_every)
     return model, tok, ema
+
+
+def optimizer(model, lr: float, weight_decay: float):
+    """(trainable parameters, AdamW): weight decay on matrices only, betas (0.9, 0.98)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return params, torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                                     betas=(0.9, 0.98))
 
 
 def batch_loss(model, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -270,6 +265,21 @@ def save_step(model, tok, r: Recipe, step: int, loss: float, ema: float | None,
     (d / "training.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     if was_training:
         model.train()
+
+
+def optimizer_step(model, opt, params, tokens: torch.Tensor, lr: float) -> torch.Tensor:
+    """One step at learning rate ``lr`` on the mean next-token loss of ``tokens`` (gradients
+    clipped to norm 1); returns that loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logits = model(tokens).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             tokens[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss
 
 
 def check_init_from(path: Path, words: list[str]) -> None:

@@ -3,16 +3,18 @@ explain themselves (measured value, threshold and why, components expected and f
 
 from __future__ import annotations
 
-import json
+import operator
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
 
-from mechtests.core.models import ORGANISMS
-from mechtests.suite.report import OPS
+from mechtests.core.models import checkpoint_shape, describe
 
 T = TypeVar("T")
+
+OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 # (n_layers, n_heads, d_model, d_vocab) of the reference models that claims are written for.
 GPT2_SHAPE = (12, 12, 768, 50257)
@@ -27,8 +29,7 @@ def reference_shape(name: str) -> tuple[int, int, int, int]:
     """The shape of a reference subject: GPT-2 small, or a shipped organism's config."""
     if name in ("gpt2", "openai-community/gpt2"):
         return GPT2_SHAPE
-    cfg = json.loads((ORGANISMS / name / "config.json").read_text())
-    return (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["vocab_size"])
+    return checkpoint_shape(name)
 
 
 def _describe(shape: tuple[int, int, int, int]) -> str:
@@ -47,6 +48,26 @@ def reference(subject: Any, refs: Mapping[str, T]) -> tuple[str, T]:
     about = "; ".join(f"{n}: {_describe(reference_shape(n))}" for n in refs)
     pytest.skip(f"no reference of this checkpoint's shape: the claim names components of "
                 f"{about}; this checkpoint is a {_describe(shape)}")
+
+
+@dataclass
+class Subject:
+    """A model under test: the spec the user gave, its display name and the loaded bridge."""
+
+    spec: str
+    name: str
+    model: Any
+    mutant: str = ""  # a --mutate mutant of the subject: never the reference itself
+
+    @property
+    def shape(self) -> str:
+        return describe(self.model)
+
+    def __repr__(self) -> str:  # failures show this, never the model's module tree
+        try:
+            return f"Subject({self.spec!r}: {self.shape})"
+        except Exception:  # noqa: BLE001 - a repr must not raise
+            return f"Subject({self.spec!r})"
 
 
 class Inconclusive(Exception):

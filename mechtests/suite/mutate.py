@@ -42,6 +42,10 @@ from typing import Any
 
 import torch
 
+from mechtests.core.models import remember, spec_of
+from mechtests.suite.report import merge_mutations as merge  # noqa: F401 - with the report
+from mechtests.suite.report import verdict  # noqa: F401 - mutation verdicts live with the report
+
 UNNAMED_NOISE = 0.10  # relative std of the noise on components the claim does not name
 ALL_NOISE = 0.01  # relative std of the noise on every weight
 SAME_ATOL, SAME_RTOL = 1e-4, 1e-3  # "identical values" under a function-preserving relabel
@@ -242,7 +246,7 @@ def build_mutant(model: Any, mutant: Mutant) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    spec = getattr(model, "mechtests_spec", None)
+    spec = spec_of(model)
     if spec is None:
         raise MutationError("the model was not loaded by mechtests (no checkpoint path): "
                             "mutants are built from the checkpoint a claim ran on")
@@ -268,8 +272,7 @@ def build_mutant(model: Any, mutant: Mutant) -> Any:
         tokenizer=model.tokenizer)
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
-    bridge.mechtests_spec = spec  # type: ignore[attr-defined]
-    bridge.mechtests_reference = reference  # type: ignore[attr-defined]
+    remember(bridge, spec, reference)
     return bridge
 
 
@@ -303,8 +306,7 @@ def judge(expected: str, outcome: str, same: bool, left: bool = False) -> bool:
 
 def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
     """Run the claim test ``item`` (already held on ``subject``) on each of its mutants."""
-    from mechtests.suite.claims import Inconclusive
-    from mechtests.suite.plugin import Subject
+    from mechtests.suite.claims import Inconclusive, Subject
     from mechtests.suite.report import PREFIX, Record
 
     props = dict(item.user_properties)
@@ -390,55 +392,3 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
 def _first(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def verdict(matrix: dict[str, dict[str, Any]]) -> str:
-    """One phrase: ``discriminating``, or the first way the claim falls short."""
-    bad = [(n, m) for n, m in matrix.items() if not m["ok"]]
-    if not bad:
-        return "discriminating"
-    name, m = bad[0]
-    if m["outcome"] == "error":
-        return f"error under {name}"
-    if m["expected"] == "fail":
-        return ("cannot fail when heads are renumbered" if name == "relabel"
-                else f"cannot fail when {name} breaks")
-    if m["expected"] == "same":
-        return "index-dependent under relabel" if m["outcome"] == "held" else \
-            "fragile under relabel"
-    if m["expected"] == "moved":
-        return "does not follow its heads when renumbered"
-    return f"fragile under {name}"
-
-
-def merge(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One claim's mutation result from its tests' (kinds, models): a mutant is ok only if it
-    was ok in every test that ran it; the matrix keeps the worst outcome and counts."""
-    matrix: dict[str, dict[str, Any]] = {}
-    notes = []
-    components: list[str] = []
-    for e in entries:
-        if "error" in e:
-            notes.append(e["error"])
-            continue
-        components += [c for c in e.get("components", []) if c not in components]
-        for name, m in e["matrix"].items():
-            cur = matrix.setdefault(name, {"expected": m["expected"], "outcome": m["outcome"],
-                                           "ok": True, "runs": 0, "reasons": []})
-            cur["runs"] += 1
-            if not m["ok"]:
-                if cur["ok"]:
-                    cur["outcome"] = m["outcome"]
-                cur["ok"] = False
-                if m.get("reason"):
-                    cur["reasons"].append(m["reason"])
-            elif cur["ok"]:
-                cur["outcome"] = m["outcome"]
-    out: dict[str, Any] = {"components": components, "matrix": matrix}
-    if matrix:
-        out["verdict"] = verdict(matrix)
-    else:
-        out["verdict"] = "not run: " + (notes[0] if notes else "no test held on its subject")
-    if notes:
-        out["notes"] = list(dict.fromkeys(notes))
-    return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -26,10 +25,11 @@ from mechtests.core.models import (
     NoSuchModel,
     check_checkpoint,
     check_device,
-    describe,
     load_model,
     resolve,
+    spec_of,
 )
+from mechtests.suite.claims import Subject
 
 SEED_MAX = 2**64 - 1  # torch.manual_seed's range (non-negative)
 
@@ -82,26 +82,13 @@ def _seed(text: str) -> int:
 
 
 def _specs(specs: list[str]) -> list[str]:
-    """The specs once each, in order: the same model given twice runs (and is reported) once.
-
-    A sequence (a directory of checkpoints, or a glob) becomes its checkpoints, ordered by
-    training step (``mechtests.core.sequence``). Two spellings of one existing directory
-    (``ckpt``, ``./ckpt/``) count as the same model.
-    """
-    from pathlib import Path
-
-    from mechtests.core.sequence import SequenceError, expand_all
+    """``core.sequence.unique_specs``, a bad sequence stopping the run with its message."""
+    from mechtests.core.sequence import SequenceError, unique_specs
 
     try:
-        specs = expand_all(specs)
+        return unique_specs(specs)
     except SequenceError as exc:
         raise pytest.UsageError(str(exc)) from None
-    seen: dict[str, str] = {}
-    for spec in specs:
-        path = Path(spec).expanduser()
-        key = str(path.resolve()) if path.is_dir() else spec
-        seen.setdefault(key, spec)
-    return list(seen.values())
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -159,26 +146,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         [pytest.param(s, id=s, marks=pytest.mark.xdist_group(s)) for s in specs],
         indirect=True,
     )
-
-
-@dataclass
-class Subject:
-    """A model under test: the spec the user gave, its display name and the loaded bridge."""
-
-    spec: str
-    name: str
-    model: Any
-    mutant: str = ""  # a --mutate mutant of the subject: never the reference itself
-
-    @property
-    def shape(self) -> str:
-        return describe(self.model)
-
-    def __repr__(self) -> str:  # failures show this, never the model's module tree
-        try:
-            return f"Subject({self.spec!r}: {self.shape})"
-        except Exception:  # noqa: BLE001 - a repr must not raise
-            return f"Subject({self.spec!r})"
 
 
 class ModelSkipped(pytest.skip.Exception):  # type: ignore[name-defined,misc]
@@ -247,7 +214,7 @@ def models(pytestconfig: pytest.Config) -> Callable[[str], Any]:
 def subject(request: pytest.FixtureRequest, models: Callable[[str], Any]) -> Subject:
     """The model a claim is checked against (parametrized by ``--model`` or the claim)."""
     model = models(request.param, request.node.nodeid)
-    return Subject(request.param, model.mechtests_spec.name, model)
+    return Subject(request.param, spec_of(model).name, model)
 
 
 @pytest.fixture(autouse=True)

@@ -24,14 +24,13 @@ import datetime as dt
 import errno
 import json
 import math
-import operator
 import os
 import platform
 import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,9 +41,9 @@ import pytest
 from mechtests.core.result import Result
 from mechtests.core.sequence import checkpoint_info, identical_weights
 from mechtests.suite import render
+from mechtests.suite.claims import OPS
 
 PREFIX = "mechtests."  # user_properties names this plugin owns
-OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 # worst first: error (a crash: a bug, not a finding), failed (the claim's assertion), xpassed,
 # inconclusive (the effect too small to judge), moved (held on other components), held,
 # xfailed, skipped (with the true reason)
@@ -275,9 +274,9 @@ class ReportPlugin:
 
     def asked(self) -> list[str]:
         """The ``--model`` specs, sequences expanded (ordered by step), each once."""
-        from mechtests.suite.plugin import _specs
+        from mechtests.core.sequence import unique_specs
 
-        return _specs(self.config.getoption("--model", None) or [])
+        return unique_specs(self.config.getoption("--model", None) or [])
 
     # -- on every process (xdist workers included): tag claim tests --
     @pytest.hookimpl(trylast=True)
@@ -555,13 +554,11 @@ def notes(results: list[TestResult]) -> list[dict[str, Any]]:
 def mutation(results: list[TestResult]) -> dict[str, Any]:
     """``--mutate``'s result per claim id: verdict, components and kill matrix (each mutant:
     expected "fail" | "hold" | "same", the outcome, ok), merged over the claim's tests."""
-    from mechtests.suite.mutate import merge
-
     by_claim: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(results, key=lambda r: (r.claim, r.nodeid)):
         if r.mutation is not None:
             by_claim.setdefault(r.claim, []).append(r.mutation)
-    return {claim: merge(entries) for claim, entries in by_claim.items()}
+    return {claim: merge_mutations(entries) for claim, entries in by_claim.items()}
 
 
 def _finite(obj: Any) -> Any:
@@ -622,6 +619,59 @@ def write_report(results: list[TestResult], settings: dict[str, Any], parent: Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# -- mutation results (``--mutate``), merged per claim -------------------------------------
+def verdict(matrix: dict[str, dict[str, Any]]) -> str:
+    """One phrase: ``discriminating``, or the first way the claim falls short."""
+    bad = [(n, m) for n, m in matrix.items() if not m["ok"]]
+    if not bad:
+        return "discriminating"
+    name, m = bad[0]
+    if m["outcome"] == "error":
+        return f"error under {name}"
+    if m["expected"] == "fail":
+        return ("cannot fail when heads are renumbered" if name == "relabel"
+                else f"cannot fail when {name} breaks")
+    if m["expected"] == "same":
+        return "index-dependent under relabel" if m["outcome"] == "held" else \
+            "fragile under relabel"
+    if m["expected"] == "moved":
+        return "does not follow its heads when renumbered"
+    return f"fragile under {name}"
+
+
+def merge_mutations(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One claim's mutation result from its tests' (kinds, models): a mutant is ok only if it
+    was ok in every test that ran it; the matrix keeps the worst outcome and counts."""
+    matrix: dict[str, dict[str, Any]] = {}
+    notes = []
+    components: list[str] = []
+    for e in entries:
+        if "error" in e:
+            notes.append(e["error"])
+            continue
+        components += [c for c in e.get("components", []) if c not in components]
+        for name, m in e["matrix"].items():
+            cur = matrix.setdefault(name, {"expected": m["expected"], "outcome": m["outcome"],
+                                           "ok": True, "runs": 0, "reasons": []})
+            cur["runs"] += 1
+            if not m["ok"]:
+                if cur["ok"]:
+                    cur["outcome"] = m["outcome"]
+                cur["ok"] = False
+                if m.get("reason"):
+                    cur["reasons"].append(m["reason"])
+            elif cur["ok"]:
+                cur["outcome"] = m["outcome"]
+    out: dict[str, Any] = {"components": components, "matrix": matrix}
+    if matrix:
+        out["verdict"] = verdict(matrix)
+    else:
+        out["verdict"] = "not run: " + (notes[0] if notes else "no test held on its subject")
+    if notes:
+        out["notes"] = list(dict.fromkeys(notes))
+    return out
 
 
 # -- merging reports (separate runs, Ray tasks, SLURM array jobs) ---------------------------------

@@ -95,12 +95,12 @@ def strict_mode(record: Any) -> bool:
 def is_reference(subject: Any, ref_name: str) -> bool:
     """The subject is the reference itself: not a mutant, not another checkpoint of its shape,
     not a copy that merely shares its directory name (a shipped organism is its own files)."""
-    from mechtests.core.models import ORGANISMS
+    from mechtests.core.models import organism_dir, spec_of
 
     if getattr(subject, "name", None) != ref_name or getattr(subject, "mutant", ""):
         return False
-    spec = getattr(getattr(subject, "model", None), "mechtests_spec", None)
-    organism = ORGANISMS / ref_name
+    spec = spec_of(getattr(subject, "model", None))
+    organism = organism_dir(ref_name)
     if spec is not None and organism.is_dir():
         return Path(spec.path).resolve() == organism.resolve()
     return True
