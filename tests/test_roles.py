@@ -322,3 +322,9 @@ def test_mutation_judges_a_role_claim_by_where_its_heads_went():
     assert judge("fail", "moved", same=False, left=True)  # found the mechanism elsewhere
     assert not judge("fail", "moved", same=False, left=False)  # still casts the broken head
     assert not judge("fail", "held", same=True, left=True)
+    # a checkpoint whose heads had already moved (seed 1: 3.3 -> 1.3): an unrelated mutant must
+    # leave the role on those same heads, not send it elsewhere
+    assert judge("hold", "moved", same=False, as_before=True)
+    assert not judge("hold", "moved", same=False, as_before=False)
+    assert judge("hold", "held", same=False) and not judge("hold", "failed", same=False,
+                                                              as_before=True)

@@ -289,16 +289,18 @@ def _same(a: list[dict], b: list[dict]) -> bool:
                for x, y in zip(a, b))
 
 
-def judge(expected: str, outcome: str, same: bool, left: bool = False) -> bool:
+def judge(expected: str, outcome: str, same: bool, left: bool = False,
+          as_before: bool = False) -> bool:
     """Whether the claim did on a mutant what a discriminating claim does there. ``left``: a
-    role claim's heads moved away from every component the mutant broke."""
+    role claim's heads moved away from every component the mutant broke; ``as_before``: its
+    roles fell on the very heads they fell on in the unmutated subject."""
     if outcome in ("error", "skipped"):
         return False
     if expected == "fail":  # failed, or inconclusive: it no longer vouches for it; or, by
         # role, it follows the mechanism away from the broken heads (and says so: moved)
         return outcome not in ("held", "moved") or (outcome == "moved" and left)
-    if expected == "hold":
-        return outcome == "held"
+    if expected == "hold":  # a subject whose heads had moved holds moved to the same heads
+        return outcome == "held" or (outcome == "moved" and as_before)
     if expected == "moved":
         return outcome == "moved" and same
     return outcome == "held" and same
@@ -321,7 +323,8 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
     named = named or {"components": [], "breaks": [], "index_free": True}
     cfg = subject.model.cfg
     original = [m for k, m in item.user_properties if k == PREFIX + "measured"]
-    by_role = any(k == PREFIX + "cast" for k, _ in item.user_properties)
+    base_casts = [v for k, v in item.user_properties if k == PREFIX + "cast"]
+    by_role = bool(base_casts)
     muts = mutants(named["components"], named["breaks"], named["index_free"],
                    cfg.n_layers, cfg.n_heads, named.get("together", False), by_role)
     seed = item.config.getoption("--seed")
@@ -368,15 +371,20 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
             if outcome == "held" and moved:
                 outcome = "moved"
             same = _same(original, measured)
+            casts = [v for k, v in node.user_properties if k == PREFIX + "cast"]
+            # each role on the heads it found on the unmutated subject (which, on a checkpoint
+            # where the mechanism had already moved, are not the reference's heads)
+            as_before = len(casts) == len(base_casts) and all(
+                set(v["found"]) == set(b["found"]) for v, b in zip(casts, base_casts))
             if mut.expected == "moved":  # and the heads found where they were renumbered to
                 # (as a set: which old head became which is not in the scores)
-                same = same and all(
-                    set(v["found"]) == {relabelled(e, cfg.n_layers, cfg.n_heads)
-                                        for e in v["expected"]}
-                    for k, v in node.user_properties if k == PREFIX + "cast")
+                same = same and len(casts) == len(base_casts) and all(
+                    set(v["found"]) == {relabelled(f, cfg.n_layers, cfg.n_heads)
+                                        for f in b["found"]}
+                    for v, b in zip(casts, base_casts))
             left = bool(mut.broken) and not (found & set(mut.broken))
             matrix[mut.name] = {"expected": mut.expected, "outcome": outcome,
-                                "ok": judge(mut.expected, outcome, same, left),
+                                "ok": judge(mut.expected, outcome, same, left, as_before),
                                 "reason": reason}
             if moved:
                 matrix[mut.name]["moved"] = moved
