@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mechtests.core.models import ORGANISMS
+from mechtests.core.models import organisms_dir
 from mechtests.core.sites import Head
 
 pytest_plugins = ["pytester"]
@@ -31,7 +31,7 @@ def random_copy(organism: str, out: Path, seed: int = 1234) -> Path:
     """The organism's architecture and tokenizer with freshly initialised weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    src = ORGANISMS / organism
+    src = organisms_dir() / organism
     out.mkdir(parents=True)
     torch.manual_seed(seed)
     GPT2LMHeadModel(GPT2Config.from_pretrained(src)).save_pretrained(out)
@@ -42,7 +42,7 @@ def random_copy(organism: str, out: Path, seed: int = 1234) -> Path:
 
 def zero_heads(organism: str, heads: list[str], out: Path) -> Path:
     """A copy of the organism with the listed heads' output weights (W_O rows) zeroed."""
-    src = ORGANISMS / organism
+    src = organisms_dir() / organism
     shutil.copytree(src, out)
     state = load_file(str(src / "model.safetensors"))
     cfg = __import__("json").loads((src / "config.json").read_text())
@@ -231,7 +231,7 @@ def test_contraction_top_head_is_a_claim_about_its_mixed_family():
 
 def test_induction_exists_on_a_zero_layer_model_fails_not_crashes(pytester):
     """It raised AttributeError on the bigram organism, shown as an ordinary failure."""
-    res = run_claims(pytester, "test_induction.py", ORGANISMS / "bigram", "-k", "some_head")
+    res = run_claims(pytester, "test_induction.py", organisms_dir() / "bigram", "-k", "some_head")
     assert outcomes(res) == {"failed": 1}, res.stdout.str()[-2000:]
     assert "layers in the model: measured 0" in res.stdout.str()
 

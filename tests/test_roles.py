@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mechtests.core.models import ORGANISMS
+from mechtests.core.models import organisms_dir
 from mechtests.suite.mutate import permute_heads
 from mechtests.suite.roles import Cast, Role, RoleVacant, cast, verdict
 
@@ -39,7 +39,7 @@ def renumbered(organism: str, out: Path, perms: dict[int, list[int]] = PERMS) ->
     """A copy of the organism with its heads renumbered within each layer (same function)."""
     from types import SimpleNamespace
 
-    src = ORGANISMS / organism
+    src = organisms_dir() / organism
     shutil.copytree(src, out)
     state = load_file(str(src / "model.safetensors"))
     cfg = json.loads((src / "config.json").read_text())
@@ -74,7 +74,7 @@ def multitask_renumbered(tmp_path_factory) -> Path:
 def test_the_renumbered_copy_computes_the_same_function(multitask_renumbered):
     from transformers import GPT2LMHeadModel
 
-    a = GPT2LMHeadModel.from_pretrained(ORGANISMS / "multitask", use_safetensors=True).eval()
+    a = GPT2LMHeadModel.from_pretrained(organisms_dir() / "multitask", use_safetensors=True).eval()
     b = GPT2LMHeadModel.from_pretrained(multitask_renumbered, use_safetensors=True).eval()
     tokens = torch.randint(2, a.config.vocab_size, (4, 20), generator=torch.Generator()
                            .manual_seed(0))
@@ -289,7 +289,7 @@ def test_behaviour_claim_runs_on_any_shape_that_can_express_its_family(pytester,
     CI lows -0.43 and -1.37.) A tokenizer without IOI's words skips, saying so."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    src = ORGANISMS / "multitask"
+    src = organisms_dir() / "multitask"
     out = tmp_path / "small"
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config.from_pretrained(src, n_layer=2)).save_pretrained(out)

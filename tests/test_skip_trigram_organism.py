@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechtests.analysis.heads import ov_circuit, qk_circuit
-from mechtests.core.models import ORGANISMS, load_model
+from mechtests.core.models import load_model, organisms_dir
 from mechtests.organisms import skip_trigram as S
 
 pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent
-DIR = ORGANISMS / "skip-trigram"
+DIR = organisms_dir() / "skip-trigram"
 
 
 @pytest.fixture(scope="module")

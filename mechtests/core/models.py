@@ -35,7 +35,6 @@ def organism_dir(name: str) -> Path:
     return organisms_dir() / name
 
 
-ORGANISMS = organisms_dir()  # as found at import; call organisms_dir() to honour a later env
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
