@@ -4,7 +4,9 @@ GPT-2's come from the published experiments (``mechtests.families``); the organi
 synthetic language (``mechtests.organisms.language``): fresh prompts (seeds far above any
 training batch's) over the training word lists, from several templates of one token count (a
 family runs as one batch). Held-out names are not used: the multitask organism's IOI and recall
-circuits do not carry over to names it never saw in those tasks (FINDINGS.md).
+circuits do not carry over to names it never saw in those tasks (FINDINGS.md). The IOI organism
+(``mechtests.organisms.ioi``) has a sub-vocabulary of GPT-2's tokenizer and runs GPT-2's IOI
+families as they are.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def _organism(name: str, generate: Callable[..., list[dict]], templates: tuple[i
 FAMILIES: dict[str, dict[str, dict[str, Callable[[], PromptFamily]]]] = {
     "ioi": {
         "gpt2": {"ABBA": lambda: gpt2.gpt2_ioi("ABBA"), "BABA": lambda: gpt2.gpt2_ioi("BABA")},
+        # the IOI organism speaks GPT-2's tokens: GPT-2's own families, unchanged
+        "ioi": {"ABBA": lambda: gpt2.gpt2_ioi("ABBA"), "BABA": lambda: gpt2.gpt2_ioi("BABA")},
         "multitask": {
             o: (lambda o=o: _organism(f"ioi_{o.lower()}", lang.ioi_prompts, (0, 2), order=o,
                                       corruption="flip"))

@@ -5,10 +5,12 @@ and induction heads) and ``multitask`` (4 layers: IOI, name recall, contractions
 pronouns, induction), ``skip-trigram`` (1 attention-only layer: skip-trigrams "A ... B -> C",
 ``mechtests.organisms.skip_trigram``) and ``prose`` (2 attention-only layers trained on English
 prose from Debian's dict-gcide: a previous-token head feeding induction heads,
-``mechtests.organisms.prose``). Checkpoints ship in ``fixtures/organisms/<name>/`` with
-``FINDINGS.md`` and ``findings.json``; ``python -m mechtests.organisms.train`` rebuilds the first
-three byte for byte and ``python -m mechtests.organisms.analysis`` re-measures their findings;
-the last two have their own ``train`` and ``findings`` commands.
+``mechtests.organisms.prose``) and ``ioi`` (4 layers trained on IOI sentences over 506 GPT-2
+single-token names, GPT-2's tokens, ``mechtests.organisms.ioi``). Checkpoints ship in
+``fixtures/organisms/<name>/`` with ``FINDINGS.md`` and ``findings.json``;
+``python -m mechtests.organisms.train`` rebuilds the first three byte for byte and
+``python -m mechtests.organisms.analysis`` re-measures their findings; the last three have their
+own ``train`` and ``findings`` commands.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-NAMES = ("bigram", "induction", "multitask", "skip-trigram", "prose")
+NAMES = ("bigram", "induction", "multitask", "skip-trigram", "prose", "ioi")
 
 
 def fixture_dir(name: str) -> Path:
