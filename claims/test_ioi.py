@@ -10,8 +10,9 @@ many names): metric logit(IO) - logit(S) at the last position.
 GPT-2 numbers (TransformerLens Exploratory Analysis Demo, 8 prompts): mean logit diff 3.552
 (per prompt 1.72-5.77); head DLA 9.9 2.985, 9.6 1.384, 10.0 0.561, next 10.10 0.480; most
 negative 10.7 -1.899, 11.10 -0.970; zero-ablating 9.9 alone at the last position takes the
-mean logit diff from 3.55 to 2.92 (backup heads compensate). The organism's heads and numbers
-are those of its own analysis (fixtures/organisms/multitask/FINDINGS.md).
+mean logit diff from 3.55 to 2.92 (backup heads compensate). The organisms' heads and numbers
+are those of their own analyses (fixtures/organisms/multitask/FINDINGS.md; the IOI organism that
+must copy, fixtures/organisms/ioi/FINDINGS.md, which runs GPT-2's own families unchanged).
 
 The name movers are named by role as well as by index (``mechtests.suite.roles``): the heads
 beyond layer 0 with the largest positive direct logit attribution, each at least half a logit.
@@ -57,13 +58,31 @@ REFS = {
     "multitask": IOI(("3.3", "1.1"), (), 1.0, 0.4,
                      "the organism's analysis: the pair costs 55-56%; 0.4 leaves room for "
                      "another seed"),
+    # the IOI organism that must copy (fixtures/organisms/ioi/FINDINGS.md): all eight heads
+    # of layer 1 write the IO (DLA 0.93-1.86 in both orders, almost all of it to logit(IO));
+    # layers 2-3 write next to nothing (|DLA| <= 0.09); layer 0's heads read a name by
+    # position, their sign flipping with the order, and are not eligible. Knocking the eight
+    # out together costs 1.16 (BABA) and 1.42 (ABBA) of the logit diff; each alone 0.06-0.13,
+    # the costliest head of layers 2-3 0.008 (2.2, ABBA) and 0.002 (2.0, BABA)
+    "ioi": IOI(("1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7"), (), 1.0, 0.5,
+               "the organism's analysis: the eight together cost 1.16-1.42; 0.5 is half the "
+               "logit diff"),
 }
-# Attention to the IO is GPT-2's name-mover story only: the organism's IOI heads attend to S2
+# Attention to the IO is GPT-2's name-mover story: the multitask organism's IOI heads attend to S2
 # (1.1, 1.2: 0.98) and to the object word (3.3: 0.96), so it suppresses S rather than copying
 # the IO (fixtures/organisms/multitask/FINDINGS.md); the claim does not apply to it. The
 # norm-based view (Kobayashi et al. 2020, weighting="norm") agrees: 1.1 and 1.2 move .99 and .98
 # of what they write from S2, nothing from the IO.
-ATTENDS = {"gpt2": REFS["gpt2"]}
+# The IOI organism's movers are asked too, and do not attend to the IO's own token: from END
+# they attend S1 (ABBA, 0.85-1.00) or S2 (BABA, 0.92-1.00), tokens whose residual layer 0 has
+# filled with the IO (layer-0 heads attend S1 -> IO at 1.00 in ABBA, S2 -> IO at 0.94-1.00 in
+# BABA), and END -> IO at most 0.08: the IO is copied in two hops. The claim runs on it and
+# is expected to fail there (strict: were it to hold, the finding changed and the run says so).
+ATTENDS = {"gpt2": REFS["gpt2"], "ioi": REFS["ioi"]}
+DOES_NOT_ATTEND = {
+    "ioi": "the organism's name movers copy the IO from S1 (ABBA) / S2 (BABA), where layer 0 "
+           "moved it, not from the IO token (fixtures/organisms/ioi/FINDINGS.md)",
+}
 MIN_MOVER_DLA = 0.5
 SOURCE = "Wang et al. 2022 (IOI); TransformerLens Exploratory Analysis Demo"
 SUBJECTS = list(REFS)
@@ -137,8 +156,11 @@ def test_name_movers_have_the_largest_direct_effect(subject, kind, record, pin):
 
 @pytest.mark.claim(id="ioi.name_mover_attention", source=SOURCE, subjects=list(ATTENDS))
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_name_movers_attend_to_the_indirect_object(subject, kind, record, pin):
+def test_name_movers_attend_to_the_indirect_object(subject, kind, record, pin, request):
     ref, fam = measured_on("ioi", subject, ATTENDS, kind, record)
+    name, _ = reference(subject, ATTENDS)
+    if name in DOES_NOT_ATTEND:
+        request.applymarker(pytest.mark.xfail(reason=DOES_NOT_ATTEND[name], strict=True))
     movers, _ = name_movers(subject, ref, fam, record)
     record.components(list(movers.components), breaks=("qk",))  # where the movers look
     end = fam.positions["END"]

@@ -59,6 +59,18 @@ def test_mutants_of_a_claim():
     assert [m.name for m in together] == ["relabel", "QK 1.0+1.1", "unnamed", "noise"]
 
 
+def test_a_role_that_is_a_whole_layer_is_the_same_set_after_relabel():
+    """Rotating heads within a layer maps a role made of every head of a layer onto itself:
+    the claim must hold on the same heads with the same values (nothing moves)."""
+    def relabel_expect(heads):
+        return next(m.expected for m in mu.mutants(heads, ("qk",), False, 2, 4, by_role=True)
+                    if m.name == "relabel")
+
+    assert relabel_expect(["1.0", "1.1", "1.2", "1.3"]) == "same"
+    assert relabel_expect(["1.0", "1.1"]) == "moved"
+    assert relabel_expect(["1.0", "1.1", "1.2", "1.3", "0.1"]) == "moved"
+
+
 @pytest.mark.parametrize("bad,msg", [("5.1", "not in a 2-layer"), ("head9", "write a head as")])
 def test_bad_components_are_named(bad, msg):
     with pytest.raises(mu.MutationError, match=msg):

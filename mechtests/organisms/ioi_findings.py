@@ -78,6 +78,9 @@ def order_findings(model, order: str) -> dict[str, Any]:
     att = {f"{a}->{b}": attention_between(model, fam.clean, P[a], P[b]).values
            for a, b in (("END", "IO"), ("END", "S1"), ("END", "S2"), ("S2", "S1"))}
     att["S2->S1+1"] = attention_between(model, fam.clean, P["S2"], P["S1"] + 1).values
+    att["S2->IO"] = attention_between(model, fam.clean, P["S2"], P["IO"]).values
+    if order == "ABBA":  # IO before S1: does the IO reach S1's residual?
+        att["S1->IO"] = attention_between(model, fam.clean, P["S1"], P["IO"]).values
     heads = _heads(model)
     single = ablate(model, fam.clean, heads, metric, how="mean", reference=fam.corrupted)
     drop = {h: _r((clean - float(v)) / clean) for h, v in zip(heads, single.values)}
@@ -214,11 +217,16 @@ def render(f: dict[str, Any], training: dict[str, Any]) -> str:
             f"{h} {v:.2f}" for h, v in dup) + "; from S2 to the token after S1 (induction): "
             + ", ".join(f"{h} {v:.2f}" for h, v in _top(torch.tensor(att["S2->S1+1"]), k=3))
             + ".")
+        for k in ("S1->IO", "S2->IO"):
+            if k in att:
+                lines.append(f"- Most attention {k}: " + ", ".join(
+                    f"{h} {v:.2f}" for h, v in _top(torch.tensor(att[k]), k=4)) + ".")
         lines += ["", "DLA per head:", "", _table(o["dla"]), "",
                   "DLA to logit(IO) alone:", "", _table(o["dla_io"]), "",
                   "DLA to logit(S) alone:", "", _table(o["dla_s"]), "",
                   "Attention END -> IO:", "", _table(att["END->IO"]), "",
                   "Attention END -> S2:", "", _table(att["END->S2"]), "",
+                  "Attention END -> S1:", "", _table(att["END->S1"]), "",
                   "Attention S2 -> S1:", "", _table(att["S2->S1"])]
         for c, what in (("q", "queries"), ("k", "keys")):
             if f"path_patch_to_movers_{c}" in o:

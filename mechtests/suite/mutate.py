@@ -8,7 +8,8 @@ memory from the components the claim names (``record.components([...])``):
   renumbering. A claim that names no head by index must measure identical values; a claim that
   names heads by index now points at other heads and must fail; a claim that casts its heads by
   role (``mechtests.suite.roles``) must hold *moved*, each head followed to its new index, with
-  identical values (a mutant is never the reference itself, so its roles are cast, not asserted).
+  identical values (a mutant is never the reference itself, so its roles are cast, not asserted);
+  a role made of every head of its layers maps onto itself and must hold on the same heads.
 * ``QK <c>``: component c's attention broken (its queries zeroed: uniform causal attention).
 * ``OV <c>``: component c's output broken (its output weights zeroed). For an MLP layer or the
   embedding, ``OV`` is the only break (output zeroed; embedding rows shuffled).
@@ -219,6 +220,12 @@ def mutants(components: Sequence[str], breaks: Sequence[str], index_free: bool,
     out = []
     if n_heads > 1 and n_layers > 0:
         expect = "same" if index_free or not names_heads else ("moved" if by_role else "fail")
+        heads = {c for c in components if _HEAD.match(c)}
+        if by_role and heads == {relabelled(c, n_layers, n_heads) for c in heads}:
+            # the role is whole layers (the IOI organism's eight movers are all of layer 1):
+            # followed head by head it is the same set, so it holds on the same heads, the same
+            # values (as a set) and nothing moves
+            expect = "same"
         out.append(Mutant("relabel", expect, relabel))
     qk = [c for c in components if parse(c, n_layers, n_heads)[0] in ("head", "attn")
           and "qk" in breaks]
