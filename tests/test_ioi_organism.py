@@ -86,7 +86,6 @@ def test_a_few_steps_train_save_load_and_analyse(tmp_path):
     """The recipe's whole path at a toy size: training (history recorded), saving as an
     ordinary checkpoint, loading it as a user's, and the findings from the library's tools."""
     from mechtests.core.models import load_model
-    from mechtests.organisms import ioi_findings as F
 
     r = I.IOIRecipe(n_layer=2, n_head=2, n_embd=32, n_inner=64, steps=3, eval_every=2,
                     batch=8)
@@ -96,7 +95,7 @@ def test_a_few_steps_train_save_load_and_analyse(tmp_path):
     I.save(model, tok, r, history, out)
     loaded = load_model(str(out), device="cpu")
     assert loaded.cfg.n_layers == 2 and loaded.cfg.d_vocab == len(tok)
-    text = F.write_findings(out)
+    text = I.write_findings(out)
     f = json.loads((out / "findings.json").read_text())
     assert set(f["accuracy"]) == {"train", "held_out", "unseen"}
     assert set(f["orders"]) == {"ABBA", "BABA"} and text.startswith("# Findings: ioi")
