@@ -140,8 +140,8 @@ class Engine:
         with torch.no_grad():
             if family in _HF_FAMILIES:
                 w = _hf_weights(hf, family)
-                self._rotary_source = (hf.transformer.h[0].attn.embed_positions
-                                       if family == "gptj" else _find_rotary(hf))
+                self._rotary_source = (_gptj_table(hf) if family == "gptj"
+                                       else _find_rotary(hf))
             else:
                 _check_architecture(cfg, hf)
                 w = _bridge_weights(model)
@@ -663,6 +663,13 @@ def _reference_model(model):
 def _bridge_family(model) -> str | None:
     hf = getattr(model, "original_model", None)
     return getattr(getattr(hf, "config", None), "model_type", None)
+
+
+def _gptj_table(hf) -> torch.Tensor:
+    """GPT-J's sin|cos table: on each attention module before transformers 5.x's rotary
+    module, on ``transformer.rotary_emb`` after."""
+    table = getattr(hf.transformer.h[0].attn, "embed_positions", None)
+    return table if table is not None else hf.transformer.rotary_emb.embed_positions
 
 
 def _find_rotary(hf):
