@@ -255,8 +255,10 @@ def _patch_core(engine: Engine, patches: _Patches, base: _Run, metric: Metric,
                    key=lambda i: (p0_of[i], stage_of(patches.keys[i])))
     finals = base.final.new_empty(len(patches.keys), N, base.final.shape[-1])
     done: list[int] = []  # patches whose final residual is in ``finals``
+    pos = torch.arange(T, device=base.tokens.device)
     kv = [(base.cache.get(f"blocks.{lay}.attn.hook_k"), base.cache.get(f"blocks.{lay}.attn.hook_v"))
           for lay in range(engine.n_layers)]
+    kv = [(engine.rotate(k, pos) if k is not None else None, v) for k, v in kv]  # rotary once
     # Batches across first positions, each within the budget; in a batch every window runs
     # through each layer's norms, projections and MLP as one matmul (Engine.forward_wave).
     batches: list[list[int]] = [[]]
