@@ -47,17 +47,24 @@ _rate: dict = {}
 def record_floor(benchmark, engine, task: str, case: str, sub) -> None:
     """Put the case's floor (``floor.py``) and this row's distance to it in ``extra_info``;
     the matmul rate is measured once per run with the benchmark's timer."""
-    from floor import matmul_rate, sweep_flops
+    from floor import matmul_rate, passes, sweep_flops, weight_pass_s
 
     if benchmark.disabled:
         return
     timer = benchmark._timer
     if "rate" not in _rate:
         _rate["rate"] = matmul_rate(timer)
+    shape = (engine.n_layers, engine.d_model, engine.d_mlp, engine.n_heads, engine.n_kv_heads,
+             engine.gated)
+    if shape not in _rate:
+        _rate[shape] = weight_pass_s(engine, timer)
     flops = sweep_flops(engine, task, case, sub)
     floor_s = flops / _rate["rate"]
+    memory_s = passes(task) * _rate[shape]
     best = benchmark.stats.stats.min
     benchmark.extra_info.update({"gflop": round(flops / 1e9, 2),
                                  "matmul_gflops": round(_rate["rate"] / 1e9, 1),
                                  "floor_s": round(floor_s, 3),
-                                 "x_floor": round(best / floor_s, 2)})
+                                 "x_floor": round(best / floor_s, 2),
+                                 "weight_reads_s": round(memory_s, 3),
+                                 "x_roofline": round(best / max(floor_s, memory_s), 2)})

@@ -18,6 +18,14 @@ divided by the rate this machine sustains on large float32 matmuls, measured in 
 
 Norms, softmax, activation functions and the metric are not counted, so the floor is a lower
 bound: ``floor seconds = sweep_flops / matmul_rate()``.
+
+On a few short prompts the arithmetic is not what sets the time: a matmul of 11 rows reads
+GPT-2 small's 7 MB-per-matrix weights from memory for 52 MFLOP of work, and that read takes
+longer than the work. ``weight_pass_s`` measures one pass over the model's own block matrices
+(a one-row matmul with each, in layer order, as a forward reads them); an exact implementation
+reads them at least ``passes(task)`` times (once for a sweep, whose base runs and patches can all
+share a pass through the layers; twice for attribution, forward and backward). The roofline
+floor is the larger of the two bounds: ``max(sweep_flops / matmul_rate, passes * weight_pass_s)``.
 """
 
 from __future__ import annotations
@@ -115,4 +123,29 @@ def matmul_rate(timer=time.perf_counter, repeats: int = 5) -> float:
             dt = timer() - t0
             if dt > 0:
                 best = max(best, 4 * 2 * 512 * k * n / dt)
+    return best
+
+
+def passes(task: str) -> int:
+    """The least number of times an exact implementation reads every block matrix."""
+    return 2 if task == "attribution" else 1
+
+
+def weight_pass_s(engine, timer=time.perf_counter, repeats: int = 5) -> float:
+    """Seconds one pass over the engine's block matrices takes at this machine's memory rate:
+    a one-row matmul with each (QKV, O, MLP in and out per layer), in layer order; the best of
+    ``repeats``."""
+    mats = []
+    for layer in range(engine.n_layers):
+        mats += [engine.W_QKV[layer], engine.W_O_flat[layer], engine.W_in[layer],
+                 engine.W_out[layer]]
+        if engine.gated:
+            mats.append(engine.W_gate[layer])
+    rows = {m.shape[0]: torch.ones(1, m.shape[0], dtype=m.dtype) for m in mats}
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms up
+        t0 = timer()
+        for m in mats:
+            rows[m.shape[0]] @ m
+        best = min(best, timer() - t0)
     return best

@@ -311,10 +311,13 @@ def test_resample_is_seeded(rich, prompts):
     assert torch.equal(a.per_prompt, b.per_prompt)
 
 
-def test_attribution_equals_transformer_lens(rich, prompts):
-    """TL's attribution_patch scores embed/head/MLP nodes per position, prompt by prompt."""
+@pytest.mark.parametrize("shared_rows", [0, 10**6], ids=["separate-runs", "one-batch"])
+def test_attribution_equals_transformer_lens(rich, prompts, shared_rows, monkeypatch):
+    """TL's attribution_patch scores embed/head/MLP nodes per position, prompt by prompt;
+    with the source run in its own forward or in the gradient run's batch."""
     from transformer_lens.tools.analysis import attribution_patch as tl_attribution_patch
 
+    monkeypatch.setattr(P, "ATTRIBUTION_SHARED_ROWS", shared_rows)
     model, engine = rich
     clean, corrupted, _ = prompts
 

@@ -140,8 +140,8 @@ class Engine:
         with torch.no_grad():
             if family in _HF_FAMILIES:
                 w = _hf_weights(hf, family)
-                self._rotary_source = (hf.transformer.h[0].attn.embed_positions
-                                       if family == "gptj" else _find_rotary(hf))
+                self._rotary_source = (_gptj_table(hf) if family == "gptj"
+                                       else _find_rotary(hf))
             else:
                 _check_architecture(cfg, hf)
                 w = _bridge_weights(model)
@@ -300,7 +300,7 @@ class Engine:
                 qkv = _rows(hs, lambda r, la=layer: _lin(r, self.W_QKV[la], self.b_QKV[la]))
                 zs = [self._attend(layer, a, groups[i].p0, groups[i].prefix[layer]
                                    if groups[i].p0 else None, None,
-                                   groups[i].read if last else None)
+                                   groups[i].read if last else None, rotated=True)
                       for i, a in zip(live, qkv)]
                 outs = _rows([z.reshape(*z.shape[:3], -1) for z in zs],
                              lambda r, la=layer: _lin(r, self.W_O_flat[la], self.b_O[la]))
@@ -386,8 +386,9 @@ class Engine:
         out = _lin(z.reshape(*z.shape[:3], -1), self.W_O_flat[layer], self.b_O[layer])
         return _tap(ctx, self._names[layer]["hook_attn_out"], out, *_fold(out)), h
 
-    def _attend(self, layer, qkv, p0, kv, ctx, read):
-        """From the fused projection ``qkv`` ``[N,P,t,(H+2Hk)*dh]`` to z ``[N,P,tq,H,dh]``."""
+    def _attend(self, layer, qkv, p0, kv, ctx, read, rotated: bool = False):
+        """From the fused projection ``qkv`` ``[N,P,t,(H+2Hk)*dh]`` to z ``[N,P,tq,H,dh]``;
+        ``rotated``: the prefix keys ``kv[0]`` already carry the rotary embedding."""
         N, P, t, _ = qkv.shape
         H, Hk, dh = self.n_heads, self.n_kv_heads, self.d_head
         names = self._names[layer]
@@ -407,12 +408,12 @@ class Engine:
             q = _gather(q, read)
         if ctx is None or not ({names["attn.hook_attn_scores"], names["attn.hook_pattern"]}
                                & ctx.names):
-            z = self._sdpa(q, k, v, p0, kv, read)
+            z = self._sdpa(q, k, v, p0, kv, read, rotated)
         else:
             z = self._attend_explicit(layer, q, k, v, p0, kv, read, ctx)
         return _tap(ctx, names["attn.hook_z"], z, *_fold(z))
 
-    def _sdpa(self, q, k, v, p0, kv, read):
+    def _sdpa(self, q, k, v, p0, kv, read, rotated: bool = False):
         """Fused attention (``scaled_dot_product_attention``) of the window's queries ``q``
         ``[N,P,tq,H,dh]`` over the cached prefix and the window's keys and values; returns z
         ``[N,P,tq,H,dh]``."""
@@ -422,7 +423,7 @@ class Engine:
         kh, vh = k.transpose(2, 3), v.transpose(2, 3)  # [N,P,Hk,t,dh]
         if p0:
             kp, vp = kv
-            kp = self.rotate(kp, torch.arange(p0, device=q.device))
+            kp = kp if rotated else self.rotate(kp, torch.arange(p0, device=q.device))
             kh = torch.cat([kp.transpose(1, 2)[:, None].expand(N, P, Hk, p0, dh), kh], 3)
             vh = torch.cat([vp.transpose(1, 2)[:, None].expand(N, P, Hk, p0, dh), vh], 3)
         S = p0 + t
@@ -595,8 +596,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 @dataclass
 class Window:
     """One window of patched variants for :meth:`Engine.forward_wave`: positions ``p0..T-1``,
-    ``prefix[l]`` layer l's cached keys and values before ``p0``, ``read`` ``[N]`` window
-    positions the last layer reads, ``entries[s]`` ``[N, P_s, T - p0, d]`` joining at stage s."""
+    ``prefix[l]`` layer l's cached keys (after rotary) and values before ``p0``, ``read``
+    ``[N]`` window positions the last layer reads, ``entries[s]`` ``[N, P_s, T - p0, d]``
+    joining at stage s."""
 
     p0: int
     prefix: list
@@ -663,6 +665,13 @@ def _reference_model(model):
 def _bridge_family(model) -> str | None:
     hf = getattr(model, "original_model", None)
     return getattr(getattr(hf, "config", None), "model_type", None)
+
+
+def _gptj_table(hf) -> torch.Tensor:
+    """GPT-J's sin|cos table: on each attention module before transformers 5.x's rotary
+    module, on ``transformer.rotary_emb`` after."""
+    table = getattr(hf.transformer.h[0].attn, "embed_positions", None)
+    return table if table is not None else hf.transformer.rotary_emb.embed_positions
 
 
 def _find_rotary(hf):
