@@ -184,5 +184,7 @@ def test_mutation_run_calls_the_ioi_claims_on_the_organism_discriminating(pytest
                        "--mutate", "--report-dir", "out", "-p", "no:cacheprovider", "-q")
     data = json.loads(next(pytester.path.glob("out/run-*/report.json")).read_text())
     verdicts = {c: m["verdict"] for c, m in data["mutation"].items()}
+    # the attention claim does not hold on the organism (a strict xfail): no mutants for it
+    assert verdicts.pop("ioi.name_mover_attention").startswith("not run"), verdicts
     assert verdicts == {c: "discriminating" for c in (
         "ioi.logit_diff", "ioi.name_movers", "ioi.knockout")}, verdicts
