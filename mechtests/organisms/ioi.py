@@ -451,9 +451,9 @@ def order_findings(model, order: str) -> dict[str, Any]:
                           together=True)
         out["name_movers_ablated_drop"] = _r((clean - float(together.values.reshape(-1)[0]))
                                              / clean)
-        # denoising: each sender's clean write added to the movers' queries (keys) in the
+        # denoising: each sender's clean write added to the movers' queries (keys, values) in the
         # corrupted run; fraction of the clean - corrupted gap it restores
-        for c in ("q", "k"):
+        for c in ("q", "k", "v"):
             pp = path_patch(model, fam.clean, fam.corrupted, metric, movers, component=c)
             restored = (pp.values - corrupted) / (clean - corrupted)
             out[f"path_patch_to_movers_{c}"] = _mat(restored)
@@ -532,7 +532,7 @@ def summary(f: dict[str, Any]) -> list[str]:
                 text += (f"; consistent with the IO reaching {best}'s residual first and being "
                          "copied to END from there, in two hops (attention, not a causal "
                          "test)." if fill else ".")
-            for c, what in (("q", "queries"), ("k", "keys")):
+            for c, what in (("q", "queries"), ("k", "keys"), ("v", "values")):
                 if f"path_patch_top_{c}" in o:
                     h, v = o[f"path_patch_top_{c}"][0]
                     text += (f" Through the movers' {what} the best single sender restores "
@@ -588,8 +588,8 @@ def render(f: dict[str, Any], training: dict[str, Any]) -> str:
               "`mechtests.analysis.heads.attention_between`, "
               "`mechtests.analysis.patching.ablate` (mean over the corrupted prompts), "
               "`mechtests.analysis.patching.path_patch` (denoising, receivers the name movers' "
-              "queries: the fraction of the clean - corrupted logit-diff gap one sender's "
-              "clean output restores through them alone)."]
+              "queries, keys or values: the fraction of the clean - corrupted logit-diff gap "
+              "one sender's clean output restores through them alone)."]
     for order, o in f["orders"].items():
         att = o["attention"]
         lines += ["", f"### {order}", "", f"Example: `{o['example']}`. Logit diff clean "
@@ -610,7 +610,7 @@ def render(f: dict[str, Any], training: dict[str, Any]) -> str:
         costly = sorted(o["mean_ablation_drop"].items(), key=lambda kv: -kv[1])[:5]
         lines.append("- Costliest heads to mean-ablate alone (fraction of the logit diff "
                      "lost): " + ", ".join(f"{h} {v:.2f}" for h, v in costly) + ".")
-        for c, what in (("q", "queries"), ("k", "keys")):
+        for c, what in (("q", "queries"), ("k", "keys"), ("v", "values")):
             if f"path_patch_top_{c}" in o:
                 lines.append(
                     f"- Path patching into the name movers' {what}, top senders (fraction "
@@ -634,7 +634,7 @@ def render(f: dict[str, Any], training: dict[str, Any]) -> str:
                   "Attention END -> S2:", "", _table(att["END->S2"]), "",
                   "Attention END -> S1:", "", _table(att["END->S1"]), "",
                   "Attention S2 -> S1:", "", _table(att["S2->S1"])]
-        for c, what in (("q", "queries"), ("k", "keys")):
+        for c, what in (("q", "queries"), ("k", "keys"), ("v", "values")):
             if f"path_patch_to_movers_{c}" in o:
                 lines += ["", f"Path patching into the name movers' {what} (fraction "
                           "restored):", "", _table(o[f"path_patch_to_movers_{c}"])]
