@@ -6,7 +6,9 @@ default 3) and must agree with this engine at 1e-4.
 
 Each row's ``extra_info`` carries the case's arithmetic floor (``floor.py``): ``floor_s``, the
 floor's FLOPs over the matmul rate measured in this run with the benchmark's own timer, and
-``x_floor``, the row's best time over it. Measure CPU time at one thread on a shared machine:
+``x_floor``, the row's best time over it; ``weight_reads_s``, the least time the reads of the
+weights take (one pass for a sweep, two for attribution), and ``x_roofline``, the best time over
+the larger of the two bounds. Measure CPU time at one thread on a shared machine:
 
     OMP_NUM_THREADS=1 taskset -c 0 pytest benchmarks/test_bench_patching.py --benchmark-only \\
         --benchmark-timer=time.process_time
