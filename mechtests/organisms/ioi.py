@@ -34,7 +34,7 @@ import torch
 
 from mechtests.analysis.attribution import head_attribution
 from mechtests.analysis.heads import attention_between, head_scores, repeated_random_tokens
-from mechtests.analysis.patching import ablate, path_patch
+from mechtests.analysis.patching import ablate, path_patch, sweep
 from mechtests.core.sites import Head
 from mechtests.organisms import cli, save_findings
 from mechtests.organisms.train import optimizer
@@ -458,6 +458,15 @@ def order_findings(model, order: str) -> dict[str, Any]:
             restored = (pp.values - corrupted) / (clean - corrupted)
             out[f"path_patch_to_movers_{c}"] = _mat(restored)
             out[f"path_patch_top_{c}"] = _top(restored)
+    # where the answer lives on its way into the movers' layer: that layer's input patched
+    # clean -> corrupted at one position at a time (fraction of the gap restored)
+    first = min((int(h.split(".")[0]) for h in movers), default=1)
+    rp = sweep(model, "resid_pre", fam.clean, fam.corrupted, metric, layers=[first])
+    out["movers_layer"] = first
+    out["movers_layer_input_restored"] = [_r(v) for v in ((rp.values[0] - corrupted)
+                                                           / (clean - corrupted)).tolist()]
+    out["positions"] = {k: int(v[0]) for k, v in P.items()}
+    out["tokens"] = list(fam.str_tokens)
     return out
 
 
@@ -532,6 +541,15 @@ def summary(f: dict[str, Any]) -> list[str]:
                 text += (f"; consistent with the IO reaching {best}'s residual first and being "
                          "copied to END from there, in two hops (attention, not a causal "
                          "test)." if fill else ".")
+            if "movers_layer_input_restored" in o:
+                rr, pos = o["movers_layer_input_restored"], o["positions"]
+                text += (f" Layer {o['movers_layer']}'s input patched clean -> corrupted at "
+                         f"S2 alone restores {rr[pos['S2']]:.2f} of the gap, at END "
+                         f"{rr[pos['END']]:.2f}: "
+                         + ("nothing about S reaches END's query before the movers read "
+                            "it (no S-inhibition in front of them); what changes is at S2, "
+                            "on the keys' and values' side." if abs(rr[pos["END"]]) < 0.05
+                            else "some of it reaches END before the movers read it."))
             for c, what in (("q", "queries"), ("k", "keys"), ("v", "values")):
                 if f"path_patch_top_{c}" in o:
                     h, v = o[f"path_patch_top_{c}"][0]
@@ -623,6 +641,13 @@ def render(f: dict[str, Any], training: dict[str, Any]) -> str:
             f"{h} {v:.2f}" for h, v in dup) + "; from S2 to the token after S1 (induction): "
             + ", ".join(f"{h} {v:.2f}" for h, v in _top(torch.tensor(att["S2->S1+1"]), k=3))
             + ".")
+        if "movers_layer_input_restored" in o:
+            named = {v: k for k, v in o["positions"].items()}
+            lines.append(f"- Layer {o['movers_layer']}'s input patched clean -> corrupted at "
+                         "one position (fraction of the gap restored): " + ", ".join(
+                             f"{i} {named.get(i, t.strip())} {v:.2f}" for i, (t, v) in
+                             enumerate(zip(o["tokens"], o["movers_layer_input_restored"]))
+                             if abs(v) >= 0.05 or i in named) + ".")
         for k in ("S1->IO", "S2->IO"):
             if k in att:
                 lines.append(f"- Most attention {k}: " + ", ".join(
