@@ -459,7 +459,7 @@ def sweep(engine: Engine, site: str, clean, corrupted, metric: Metric,
     ``positions`` (default all). ``layers``/``heads``/``positions``/``neurons`` restrict the
     sweep. ``read_pos``: where the metric reads the logits (int, or one per prompt).
     ``memory_budget_mb`` bounds the patched batch held at once (default: what one ordinary
-    forward of the prompts holds).
+    forward of the prompts holds, and at least a quarter of the blocks' weights).
     """
     engine = engine_for(engine)  # a model or its Engine
     _check_site(site)
