@@ -48,7 +48,8 @@ def record_floor(benchmark, engine, task: str, case: str, sub) -> None:
     """Put the case's floor (``floor.py``) and this row's distance to it in ``extra_info``;
     the matmul rate (the best in this run) and the time of one pass over the weights (the
     least in this run) are measured with the benchmark's timer."""
-    from floor import matmul_rate, passes, sweep_flops, weight_pass_s
+    from cases import CASES
+    from floor import attribution_matmuls_s, matmul_rate, passes, sweep_flops, weight_pass_s
 
     if benchmark.disabled:
         return
@@ -70,3 +71,10 @@ def record_floor(benchmark, engine, task: str, case: str, sub) -> None:
                                  "x_floor": round(best / floor_s, 2),
                                  "weight_reads_s": round(memory_s, 3),
                                  "x_roofline": round(best / max(floor_s, memory_s), 2)})
+    if task == "attribution":  # the matmuls alone, at the rows one call has
+        T, N = CASES[case]
+        key = (shape, "attribution", N * T)
+        _rate[key] = min(_rate.get(key, float("inf")),
+                         attribution_matmuls_s(engine, N * T, timer))
+        benchmark.extra_info.update({"matmuls_at_rows_s": round(_rate[key], 3),
+                                     "x_matmuls_at_rows": round(best / _rate[key], 2)})

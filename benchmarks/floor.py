@@ -149,3 +149,30 @@ def weight_pass_s(engine, timer=time.perf_counter, repeats: int = 5) -> float:
             rows[m.shape[0]] @ m
         best = min(best, timer() - t0)
     return best
+
+
+def attribution_matmuls_s(engine, rows: int, timer=time.perf_counter, repeats: int = 3) -> float:
+    """Seconds the matmuls alone of an exact attribution patch take at the rows the problem has
+    (``rows`` = prompts x tokens): each layer's QKV, O and MLP matrices on ``2 * rows`` rows
+    (the clean and corrupted forwards, batched) and their gradient to the input on ``rows``
+    rows (``g @ W.T``), with the engine's own weights, the best of ``repeats``. Unlike
+    ``sweep_flops``, whose rate is that of 512-row matmuls, this is the least time these
+    matmuls take on this machine at the sizes one call of the problem allows: a lower bound
+    for every exact implementation that runs one call at a time."""
+    mats = []
+    for layer in range(engine.n_layers):
+        mats += [engine.W_QKV[layer], engine.W_O_flat[layer], engine.W_in[layer],
+                 engine.W_out[layer]]
+        if engine.gated:
+            mats.append(engine.W_gate[layer])
+    fwd = {m.shape[0]: torch.ones(2 * rows, m.shape[0], dtype=m.dtype) for m in mats}
+    bwd = {m.shape[1]: torch.ones(rows, m.shape[1], dtype=m.dtype) for m in mats}
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms up
+        t0 = timer()
+        for m in mats:
+            fwd[m.shape[0]] @ m
+        for m in reversed(mats):
+            bwd[m.shape[1]] @ m.t()
+        best = min(best, timer() - t0)
+    return best
