@@ -131,16 +131,22 @@ def passes(task: str) -> int:
     return 2 if task == "attribution" else 1
 
 
-def weight_pass_s(engine, timer=time.perf_counter, repeats: int = 5) -> float:
-    """Seconds one pass over the engine's block matrices takes at this machine's memory rate:
-    a one-row matmul with each (QKV, O, MLP in and out per layer), in layer order; the best of
-    ``repeats``."""
+def _block_matrices(engine) -> list[torch.Tensor]:
+    """Every layer's QKV, O and MLP matrices, in the order a forward reads them."""
     mats = []
     for layer in range(engine.n_layers):
         mats += [engine.W_QKV[layer], engine.W_O_flat[layer], engine.W_in[layer],
                  engine.W_out[layer]]
         if engine.gated:
             mats.append(engine.W_gate[layer])
+    return mats
+
+
+def weight_pass_s(engine, timer=time.perf_counter, repeats: int = 5) -> float:
+    """Seconds one pass over the engine's block matrices takes at this machine's memory rate:
+    a one-row matmul with each (QKV, O, MLP in and out per layer), in layer order; the best of
+    ``repeats``."""
+    mats = _block_matrices(engine)
     rows = {m.shape[0]: torch.ones(1, m.shape[0], dtype=m.dtype) for m in mats}
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass warms up
@@ -159,12 +165,7 @@ def attribution_matmuls_s(engine, rows: int, timer=time.perf_counter, repeats: i
     ``sweep_flops``, whose rate is that of 512-row matmuls, this is the least time these
     matmuls take on this machine at the sizes one call of the problem allows: a lower bound
     for every exact implementation that runs one call at a time."""
-    mats = []
-    for layer in range(engine.n_layers):
-        mats += [engine.W_QKV[layer], engine.W_O_flat[layer], engine.W_in[layer],
-                 engine.W_out[layer]]
-        if engine.gated:
-            mats.append(engine.W_gate[layer])
+    mats = _block_matrices(engine)
     fwd = {m.shape[0]: torch.ones(2 * rows, m.shape[0], dtype=m.dtype) for m in mats}
     bwd = {m.shape[1]: torch.ones(rows, m.shape[1], dtype=m.dtype) for m in mats}
     best = float("inf")
