@@ -180,3 +180,35 @@ def save_arch_checkpoint(path: str | Path, arch: str, seed: int = 0, n_layer: in
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def broken_copy(src: str | Path, out: str | Path, zero_heads: Sequence[str] = (),
+                random_init: bool = False, seed: int = 1234) -> Path:
+    """A copy of the GPT-2 checkpoint ``src`` at ``out``: the listed heads' (``"L.H"``) output
+    weights (``attn.c_proj`` rows) zeroed, or with ``random_init`` every weight replaced by a
+    fresh seeded initialisation of the same config: the broken subjects a claim must fail on."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mechtests.core.sites import Head
+
+    src, out = Path(src), Path(out)
+    shutil.copytree(src, out)
+    if random_init:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(seed)
+        GPT2LMHeadModel(GPT2Config.from_pretrained(src)).save_pretrained(out)
+        return out
+    cfg = json.loads((src / "config.json").read_text())
+    d_head = cfg["n_embd"] // cfg["n_head"]
+    state = load_file(str(src / "model.safetensors"))
+    for head in zero_heads:
+        h = Head.parse(head)
+        w = state[f"transformer.h.{h.layer}.attn.c_proj.weight"]  # Conv1D: [heads*d_head, out]
+        w[h.head * d_head:(h.head + 1) * d_head] = 0
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

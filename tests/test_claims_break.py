@@ -11,48 +11,25 @@ each of which the old claims did not catch.
 from __future__ import annotations
 
 import importlib
-import shutil
-from dataclasses import astuple
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from mechtests.core.models import organisms_dir
-from mechtests.core.sites import Head
+from mechtests.testing import broken_copy
 
 pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent
-FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def random_copy(organism: str, out: Path, seed: int = 1234) -> Path:
     """The organism's architecture and tokenizer with freshly initialised weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    src = organisms_dir() / organism
-    out.mkdir(parents=True)
-    torch.manual_seed(seed)
-    GPT2LMHeadModel(GPT2Config.from_pretrained(src)).save_pretrained(out)
-    for f in FILES[1:]:
-        shutil.copy(src / f, out / f)
-    return out
+    return broken_copy(organisms_dir() / organism, out, random_init=True, seed=seed)
 
 
 def zero_heads(organism: str, heads: list[str], out: Path) -> Path:
     """A copy of the organism with the listed heads' output weights (W_O rows) zeroed."""
-    src = organisms_dir() / organism
-    shutil.copytree(src, out)
-    state = load_file(str(src / "model.safetensors"))
-    cfg = __import__("json").loads((src / "config.json").read_text())
-    d_head = cfg["n_embd"] // cfg["n_head"]
-    for head in heads:
-        layer, h = astuple(Head.parse(head))
-        w = state[f"transformer.h.{layer}.attn.c_proj.weight"]  # Conv1D: [in = heads*d_head, out]
-        w[h * d_head:(h + 1) * d_head] = 0
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return broken_copy(organisms_dir() / organism, out, heads)
 
 
 def run_claims(pytester: pytest.Pytester, claim_file: str, model: Path, *args: str):

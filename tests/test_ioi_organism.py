@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mechtests.organisms import ioi as I
+from mechtests.testing import broken_copy
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,25 +134,7 @@ def _claims(pytester, model, *args):
 
 
 def _copy(tmp_path, zero_heads=(), random_init=False):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "ioi"
-    shutil.copytree(SHIPPED, out)
-    if random_init:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(1234)
-        GPT2LMHeadModel(GPT2Config.from_pretrained(SHIPPED)).save_pretrained(out)
-        return out
-    state = load_file(str(SHIPPED / "model.safetensors"))
-    d_head = 128 // 8
-    for head in zero_heads:
-        layer, h = (int(x) for x in head.split("."))
-        state[f"transformer.h.{layer}.attn.c_proj.weight"][h * d_head:(h + 1) * d_head] = 0
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return broken_copy(SHIPPED, tmp_path / "ioi", zero_heads, random_init)
 
 
 def test_ioi_claims_on_the_shipped_organism(pytester):

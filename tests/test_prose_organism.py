@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mechtests.organisms import prose as P
+from mechtests.testing import broken_copy
 
 torch.set_num_threads(1)
 
@@ -97,24 +98,7 @@ def _claims(pytester, model, *args):
 
 
 def _copy(tmp_path, zero_heads=(), random_init=False):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "prose"
-    shutil.copytree(SHIPPED, out)
-    if random_init:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(1234)
-        GPT2LMHeadModel(GPT2Config.from_pretrained(SHIPPED)).save_pretrained(out)
-        return out
-    state = load_file(str(SHIPPED / "model.safetensors"))
-    for head in zero_heads:
-        layer, h = (int(x) for x in head.split("."))
-        state[f"transformer.h.{layer}.attn.c_proj.weight"][h * 16:(h + 1) * 16] = 0
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return broken_copy(SHIPPED, tmp_path / "prose", zero_heads, random_init)
 
 
 def test_induction_claims_hold_on_the_shipped_organism(pytester):
