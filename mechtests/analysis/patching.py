@@ -799,8 +799,8 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
     W = {"q": engine.W_Q, "k": engine.W_K, "v": engine.W_V}[component]
     b = {"q": engine.b_Q, "k": engine.b_K, "v": engine.b_V}[component]
     with torch.no_grad():
-        src = _run(engine, src_tok, zs, metric, rp)
-        base = _run(engine, base_tok, zs + [f"blocks.{first}.hook_resid_pre"], metric, rp)
+        src, base = _runs(engine, (src_tok, base_tok), zs + [f"blocks.{first}.hook_resid_pre"],
+                          metric, rp)
         senders = [(lay, h) for lay in range(last) for h in range(H)]
         out = base.metric[None].repeat(L * H, 1)
         per_patch = engine.W_E.element_size() * N * T * (
