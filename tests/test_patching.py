@@ -74,9 +74,16 @@ TL_SWEEPS = [
 ]
 
 
+LEAD = pytest.mark.parametrize("lead_rows", [0, 10**6], ids=["runs-first", "runs-in-batch"])
+
+
+@LEAD
 @pytest.mark.parametrize("site,tl_fn,by,perm", TL_SWEEPS,
                          ids=[f"{s}-{'/'.join(b)}" for s, _, b, _ in TL_SWEEPS])
-def test_sweep_equals_transformer_lens(rich, prompts, site, tl_fn, by, perm):
+def test_sweep_equals_transformer_lens(rich, prompts, site, tl_fn, by, perm, lead_rows,
+                                       monkeypatch):
+    """With the unpatched runs before the patches, or in the first patched batch."""
+    monkeypatch.setattr(P, "LEAD_ROWS", lead_rows)
     model, engine = rich
     clean, corrupted, metric = prompts
     ours = P.sweep(engine, site, clean, corrupted, metric, by=by)
@@ -160,7 +167,9 @@ def test_per_prompt_read_position_and_tiny_budget(rich):
     assert torch.allclose(ours.per_prompt, tl.permute(3, 0, 2, 1), atol=ATOL)
 
 
-def test_neurons_equal_hook_loop(rich, prompts):
+@LEAD
+def test_neurons_equal_hook_loop(rich, prompts, lead_rows, monkeypatch):
+    monkeypatch.setattr(P, "LEAD_ROWS", lead_rows)
     _, engine = rich
     clean, corrupted, metric = prompts
     positions, neurons = [2, clean.shape[1] - 1], [0, 5, 77, 127]

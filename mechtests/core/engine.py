@@ -252,80 +252,111 @@ class Engine:
         norm). In a parallel block (attention and MLP both read resid_pre) there is no odd
         stage: a change to the attention output enters at the next even stage.
         """
-        entries = entries or {}
-        n = self.n_layers
-        if self.parallel and (stage % 2 or any(s % 2 for s in entries)):
-            raise ValueError("this model's blocks are parallel (attention and MLP both read "
-                             "resid_pre): start and join at even stages only")
-        for layer in range(stage // 2, n):
-            names = self._names[layer]
-            last = read is not None and layer == n - 1
-            if 2 * layer >= stage:
-                x = _join(x, entries.get(2 * layer), None)
-                x = _tap(ctx, names["hook_resid_pre"], x, *_fold(x))
-                kv = prefix[layer] if p0 else None
-                a, h = self._attn(layer, x, p0, kv, ctx, read if last else None)
-                x = _gather(x, read) if last else x
-                if self.parallel:
-                    h = _gather(h, read) if last else h
-                    x = x + a + self._mlp(layer, h if self.shared_ln else x, ctx,
-                                          normed=self.shared_ln)
-                    x = _tap(ctx, names["hook_resid_post"], x, *_fold(x))
-                    continue
-                x = x + a
-            x = _join(x, entries.get(2 * layer + 1), read if last else None)
-            x = _tap(ctx, names["hook_resid_mid"], x, *_fold(x))
-            x = x + self._mlp(layer, x, ctx)
-            x = _tap(ctx, names["hook_resid_post"], x, *_fold(x))
-        return _join(x, entries.get(2 * n), read)
+        entries = dict(entries or {})
+        if x is not None:
+            entries[stage] = _join(x, entries.get(stage), None)
+        if p0 and self.rotary is not None:  # the window's prefix keys carry the rotary embedding
+            pos = torch.arange(p0, device=self.device)
+            prefix = [None if kv is None else (self.rotate(kv[0], pos), kv[1]) for kv in prefix]
+        return self.forward_wave([Window(p0, prefix or [], read, entries, ctx)])[0]
 
     def forward_wave(self, groups: list[Window]) -> list[torch.Tensor]:
         """Several windows (each its own ``p0``, prefix, read positions and entries, as in
-        :meth:`forward`) through the layers together, without hooks: the norms, projections
-        and MLP run on every window's rows as one matmul (bigger matmuls run faster per FLOP);
-        only attention runs per window. Returns each window's final residual ``[N, P, 1, d]``
-        at its read positions."""
+        :meth:`forward`) through the layers together: the projections and MLP run on every
+        window's rows as one matmul (bigger matmuls run faster per FLOP); only attention runs
+        per window. A window with a ``ctx`` records and edits its hook points (the one layer
+        loop of every forward: :meth:`forward` is one window) and goes first at every stage, so
+        another window's entries and prefix, when given as functions (read when the wave
+        reaches them), can come from its cache: the unpatched runs and their patches then
+        share one pass over the weights.
+        Returns each window's final residual, ``[N, P, 1, d]`` at its read positions (``[N, P,
+        t, d]`` without them)."""
         n = self.n_layers
         xs: list[torch.Tensor | None] = [None] * len(groups)
         for g in groups:
             if self.parallel and any(s % 2 for s in g.entries):
-                raise ValueError("this model's blocks are parallel: join at even stages only")
+                raise ValueError("this model's blocks are parallel (attention and MLP both read "
+                                 "resid_pre): start and join at even stages only")
+        order = sorted(range(len(groups)), key=lambda i: groups[i].ctx is None)  # hooked first
         first = min(min(g.entries) for g in groups) // 2
         for layer in range(first, n):
-            last = layer == n - 1
-            xs = [_join(x, g.entries.get(2 * layer), None) for x, g in zip(xs, groups)]
-            live = [i for i, x in enumerate(xs) if x is not None]
+            names = self._names[layer]
+            reads = [g.read if layer == n - 1 else None for g in groups]
+            live = self._enter(xs, groups, order, 2 * layer, None, names["hook_resid_pre"])
             if live:
-                hs = _rows([xs[i] for i in live], self.normalize)
+                ctxs = [groups[i].ctx for i in live]
+                hs = self._norms([xs[i] for i in live], ctxs, names["ln1"])
                 qkv = _rows(hs, lambda r, la=layer: _lin(r, self.W_QKV[la], self.b_QKV[la]))
-                zs = [self._attend(layer, a, groups[i].p0, groups[i].prefix[layer]
-                                   if groups[i].p0 else None, None,
-                                   groups[i].read if last else None, rotated=True)
-                      for i, a in zip(live, qkv)]
+                zs = [self._attend(layer, a, groups[i].p0, _prefix(groups[i], layer), ctx,
+                                   reads[i], rotated=True) for i, a, ctx in zip(live, qkv, ctxs)]
                 outs = _rows([z.reshape(*z.shape[:3], -1) for z in zs],
                              lambda r, la=layer: _lin(r, self.W_O_flat[la], self.b_O[la]))
                 ins = []
                 for j, i in enumerate(live):
-                    rd = groups[i].read if last else None
+                    out = _tap(ctxs[j], names["hook_attn_out"], outs[j], *_fold(outs[j]))
+                    rd = reads[i]
                     xs[i] = _gather(xs[i], rd) if rd is not None else xs[i]
                     if self.parallel:
                         ins.append(xs[i] if not self.shared_ln else
                                    _gather(hs[j], rd) if rd is not None else hs[j])
-                    xs[i] = xs[i] + outs[j]
+                    xs[i] = xs[i] + out
                 if self.parallel:  # the MLP reads resid_pre (or GPT-J's shared norm)
-                    mlp = _rows(ins, lambda r, la=layer: self._mlp(la, r, None,
-                                                                  normed=self.shared_ln))
+                    mlp = self._mlps(layer, ins, ctxs, normed=self.shared_ln)
                     for j, i in enumerate(live):
-                        xs[i] = xs[i] + mlp[j]
+                        x = xs[i] + mlp[j]
+                        xs[i] = _tap(ctxs[j], names["hook_resid_post"], x, *_fold(x))
                     continue
-            xs = [_join(x, g.entries.get(2 * layer + 1), g.read if last else None)
-                  for x, g in zip(xs, groups)]
-            live = [i for i, x in enumerate(xs) if x is not None]
+            live = self._enter(xs, groups, order, 2 * layer + 1, reads, names["hook_resid_mid"])
             if live:
-                mlp = _rows([xs[i] for i in live], lambda r, la=layer: self._mlp(la, r, None))
+                ctxs = [groups[i].ctx for i in live]
+                mlp = self._mlps(layer, [xs[i] for i in live], ctxs)
                 for j, i in enumerate(live):
-                    xs[i] = xs[i] + mlp[j]
-        return [_join(x, g.entries.get(2 * n), g.read) for x, g in zip(xs, groups)]
+                    x = xs[i] + mlp[j]
+                    xs[i] = _tap(ctxs[j], names["hook_resid_post"], x, *_fold(x))
+        return [_join(x, _now(g.entries.get(2 * n)), g.read) for x, g in zip(xs, groups)]
+
+    def _enter(self, xs, groups, order, stage, reads, hook) -> list[int]:
+        """Join each window's entries at ``stage`` (hooked windows first, each tapped at
+        ``hook`` before any other window's entries are read); the live windows, in ``order``."""
+        for i in order:
+            g = groups[i]
+            xs[i] = _join(xs[i], _now(g.entries.get(stage)), reads[i] if reads else None)
+            if xs[i] is not None:
+                xs[i] = _tap(g.ctx, hook, xs[i], *_fold(xs[i]))
+        return [i for i in order if xs[i] is not None]
+
+    def _norms(self, xs: list[torch.Tensor], ctxs: list, name: str) -> list[torch.Tensor]:
+        """The norm of every window's residual: the unhooked windows' rows in one call, a
+        hooked window's through its hook points."""
+        plain = [j for j, c in enumerate(ctxs) if c is None]
+        out: list = [None] * len(xs)
+        for j, y in zip(plain, _rows([xs[j] for j in plain], self.normalize) if plain else []):
+            out[j] = y
+        for j, c in enumerate(ctxs):
+            if c is not None:
+                out[j] = self.normalize(xs[j], c, name, *_fold(xs[j]))
+        return out
+
+    def _mlps(self, layer: int, xs: list[torch.Tensor], ctxs: list, normed: bool = False
+              ) -> list[torch.Tensor]:
+        """The MLP of every window's rows, each matrix as one matmul; a hooked window that
+        reads or edits a hook point inside the MLP runs it on its own."""
+        names = self._names[layer]
+        inner = {names[k] for k in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")}
+        out: list = [None] * len(xs)
+        shared = []
+        for j, c in enumerate(ctxs):
+            if c is not None and inner & c.names:
+                out[j] = self._mlp(layer, xs[j], c, normed)
+            else:
+                shared.append(j)
+        if shared:
+            hs = [xs[j] for j in shared] if normed else \
+                self._norms([xs[j] for j in shared], [ctxs[j] for j in shared], names["ln2"])
+            ys = _rows(hs, lambda r: self._mlp(layer, r, None, normed=True))
+            for j, y in zip(shared, ys):
+                out[j] = _tap(ctxs[j], names["hook_mlp_out"], y, *_fold(y))
+        return out
 
     # -- the transformer ---------------------------------------------------------------------
     def normalize(self, x, ctx=None, name=None, to_tl=None, from_tl=None):
@@ -372,20 +403,6 @@ class Engine:
                                        pos[None])
         return cos[0].to(self.dtype), sin[0].to(self.dtype)
 
-    def _attn(self, layer, x, p0, kv, ctx, read):
-        """Attention sublayer on the window; ``kv`` = cached keys/values before it.
-
-        Returns the attention output and the normalized input (a parallel block's MLP reads
-        the same norm in GPT-J)."""
-        N, P, t, _ = x.shape
-        names = self._names[layer]
-        fold, unfold = _fold(x)
-        h = self.normalize(x, ctx, names["ln1"], fold, unfold)
-        qkv = _lin(h, self.W_QKV[layer], self.b_QKV[layer])
-        z = self._attend(layer, qkv, p0, kv, ctx, read)
-        out = _lin(z.reshape(*z.shape[:3], -1), self.W_O_flat[layer], self.b_O[layer])
-        return _tap(ctx, self._names[layer]["hook_attn_out"], out, *_fold(out)), h
-
     def _attend(self, layer, qkv, p0, kv, ctx, read, rotated: bool = False):
         """From the fused projection ``qkv`` ``[N,P,t,(H+2Hk)*dh]`` to z ``[N,P,tq,H,dh]``;
         ``rotated``: the prefix keys ``kv[0]`` already carry the rotary embedding."""
@@ -410,7 +427,7 @@ class Engine:
                                & ctx.names):
             z = self._sdpa(q, k, v, p0, kv, read, rotated)
         else:
-            z = self._attend_explicit(layer, q, k, v, p0, kv, read, ctx)
+            z = self._attend_explicit(layer, q, k, v, p0, kv, read, ctx, rotated)
         return _tap(ctx, names["attn.hook_z"], z, *_fold(z))
 
     def _sdpa(self, q, k, v, p0, kv, read, rotated: bool = False):
@@ -441,7 +458,7 @@ class Engine:
                                            scale=self.scale, enable_gqa=self.group > 1)
         return z.view(N, P, H, tq, dh).transpose(2, 3)
 
-    def _attend_explicit(self, layer, q, k, v, p0, kv, read, ctx):
+    def _attend_explicit(self, layer, q, k, v, p0, kv, read, ctx, rotated: bool = False):
         """Attention with the scores and pattern materialised (for their hooks)."""
         N, P, t = k.shape[:3]
         H, dh, G = self.n_heads, self.d_head, self.group
@@ -460,7 +477,7 @@ class Engine:
         scores = scores.masked_fill(mask, float("-inf"))
         if p0:
             kp, vp = kv
-            kp = self.rotate(kp, torch.arange(p0, device=dev))
+            kp = kp if rotated else self.rotate(kp, torch.arange(p0, device=dev))
             if G > 1:
                 kp, vp = kp.repeat_interleave(G, 2), vp.repeat_interleave(G, 2)
             sp = qh.reshape(N, H, P * tq, dh) @ kp.permute(0, 2, 3, 1)  # [N,H,P*tq,p0]
@@ -596,14 +613,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
 @dataclass
 class Window:
     """One window of patched variants for :meth:`Engine.forward_wave`: positions ``p0..T-1``,
-    ``prefix[l]`` layer l's cached keys (after rotary) and values before ``p0``, ``read``
-    ``[N]`` window positions the last layer reads, ``entries[s]`` ``[N, P_s, T - p0, d]``
-    joining at stage s."""
+    ``prefix[l]`` (or ``prefix(l)``) layer l's cached keys (after rotary) and values before
+    ``p0``, ``read`` ``[N]`` window positions the last layer reads (None: all), ``entries[s]``
+    ``[N, P_s, T - p0, d]`` (or a function that makes it) joining at stage s; ``ctx``: the hook
+    points this window records and edits (as :meth:`Engine.forward`)."""
 
     p0: int
-    prefix: list
-    read: torch.Tensor
-    entries: dict[int, torch.Tensor]
+    prefix: list | Callable[[int], tuple[torch.Tensor, torch.Tensor] | None]
+    read: torch.Tensor | None
+    entries: dict[int, torch.Tensor | Callable[[], torch.Tensor]]
+    ctx: Ctx | None = None
 
 
 def _rows(xs: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]
@@ -686,6 +705,18 @@ def _fold(x: torch.Tensor):
     N, P = x.shape[:2]
     return (lambda a: a.reshape(N * P, *a.shape[2:]),
             lambda a: a.reshape(N, P, *a.shape[1:]))
+
+
+def _now(value):
+    """A window's entry, or the value of the function that makes it when the wave reaches it."""
+    return value() if callable(value) else value
+
+
+def _prefix(window: Window, layer: int):
+    """A window's cached keys and values before ``p0`` at ``layer`` (None when ``p0`` is 0)."""
+    if not window.p0:
+        return None
+    return window.prefix(layer) if callable(window.prefix) else window.prefix[layer]
 
 
 def _gather(x: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
