@@ -177,3 +177,23 @@ def test_unembed_columns_and_column_metrics(rich):
                                                                    corrupted, plain)
         assert torch.allclose(a.per_prompt, b.per_prompt, atol=1e-5)
         assert a.per_prompt.abs().max() > 1e-3
+
+
+def test_a_hooked_window_caches_only_its_own_rows(rich):
+    """In forward_wave a hooked window's projections share matmuls with the other windows; what
+    its hooks cache (k is a view of the fused projection) equals a lone run's and holds only its
+    own rows, not the other windows' (which would keep every layer's whole batch alive)."""
+    from mechtests.core.engine import Ctx, Window
+
+    model, engine, _ = rich
+    tokens = torch.randint(2, model.cfg.d_vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    names = {f"blocks.{la}.attn.hook_k" for la in range(engine.n_layers)}
+    names.add("blocks.0.hook_mlp_out")
+    _, alone = engine.run(tokens, names)
+    ctx = Ctx(set(names))
+    others = Window(0, [], None, {0: engine.embed(tokens.repeat(20, 1))})
+    engine.forward_wave([Window(0, [], None, {0: engine.embed(tokens, ctx)}, ctx), others])
+    for name in names:
+        got = ctx.cache[name]
+        assert torch.allclose(got, alone[name], atol=1e-5), name
+        assert got.untyped_storage().nbytes() <= 3 * got.numel() * got.element_size(), name

@@ -204,10 +204,9 @@ class _Lead:
 
 # Up to this many rows (prompts x tokens of the unpatched runs together) a sweep's unpatched runs
 # ride in its first patched batch: on so few rows their own matmuls run far below the machine's
-# rate (25-65 GFLOP/s on 11-22 rows against 150 on 512, GPT-2 small's widths, one core); on
-# more they gain nothing and only enlarge the first batch past its budget (measured: resid_pre
-# 11 tokens x 1 prompt 0.58 -> 0.52 s; head output 64 tokens x 8 prompts 4.9 -> 5.2 s at two
-# threads).
+# rate (25-65 GFLOP/s on 11-22 rows against 150 on 512, GPT-2 small's widths, one core;
+# measured: resid_pre 11 tokens x 1 prompt 0.58 -> 0.52 s). On more rows their matmuls run near
+# that rate already, and riding along would only enlarge the first batch beyond its budget.
 LEAD_ROWS = 256
 
 

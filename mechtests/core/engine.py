@@ -286,11 +286,13 @@ class Engine:
             if live:
                 ctxs = [groups[i].ctx for i in live]
                 hs = self._norms([xs[i] for i in live], ctxs, names["ln1"])
-                qkv = _rows(hs, lambda r, la=layer: _lin(r, self.W_QKV[la], self.b_QKV[la]))
+                qkv = _own(_rows(hs, lambda r, la=layer: _lin(r, self.W_QKV[la], self.b_QKV[la])),
+                           ctxs)
                 zs = [self._attend(layer, a, groups[i].p0, _prefix(groups[i], layer), ctx,
                                    reads[i], rotated=True) for i, a, ctx in zip(live, qkv, ctxs)]
-                outs = _rows([z.reshape(*z.shape[:3], -1) for z in zs],
-                             lambda r, la=layer: _lin(r, self.W_O_flat[la], self.b_O[la]))
+                outs = _own(_rows([z.reshape(*z.shape[:3], -1) for z in zs],
+                                  lambda r, la=layer: _lin(r, self.W_O_flat[la], self.b_O[la])),
+                            ctxs)
                 ins = []
                 for j, i in enumerate(live):
                     out = _tap(ctxs[j], names["hook_attn_out"], outs[j], *_fold(outs[j]))
@@ -353,7 +355,8 @@ class Engine:
         if shared:
             hs = [xs[j] for j in shared] if normed else \
                 self._norms([xs[j] for j in shared], [ctxs[j] for j in shared], names["ln2"])
-            ys = _rows(hs, lambda r: self._mlp(layer, r, None, normed=True))
+            ys = _own(_rows(hs, lambda r: self._mlp(layer, r, None, normed=True)),
+                      [ctxs[j] for j in shared])
             for j, y in zip(shared, ys):
                 out[j] = _tap(ctxs[j], names["hook_mlp_out"], y, *_fold(y))
         return out
@@ -705,6 +708,14 @@ def _fold(x: torch.Tensor):
     N, P = x.shape[:2]
     return (lambda a: a.reshape(N * P, *a.shape[2:]),
             lambda a: a.reshape(N, P, *a.shape[1:]))
+
+
+def _own(parts: list[torch.Tensor], ctxs: list) -> list[torch.Tensor]:
+    """``_rows``'s parts, a hooked window's copied out of the shared output: what its hooks
+    cache (k and v are views of the projection) must not keep every window's rows alive."""
+    if len(parts) == 1:
+        return parts
+    return [p.clone() if c is not None else p for p, c in zip(parts, ctxs)]
 
 
 def _now(value):
