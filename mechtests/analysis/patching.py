@@ -205,9 +205,10 @@ class _Lead:
 # Up to this many rows (prompts x tokens of the unpatched runs together) a sweep's unpatched runs
 # ride in its first patched batch: on so few rows their own matmuls run far below the machine's
 # rate (25-65 GFLOP/s on 11-22 rows against 150 on 512, GPT-2 small's widths, one core;
-# measured: resid_pre 11 tokens x 1 prompt 0.58 -> 0.52 s). On more rows their matmuls run near
-# that rate already, and riding along would only enlarge the first batch beyond its budget.
-LEAD_ROWS = 256
+# measured, interleaved: resid_pre 11 tokens x 1 prompt 0.61 -> 0.54 s). From about 66 rows on
+# they run at 85-120 and riding along gained nothing (128 and 176 rows: 0 to 6% slower, within
+# the noise), while it enlarges the first batch beyond its budget.
+LEAD_ROWS = 64
 
 
 def _runs(engine: Engine, tokens: Sequence[torch.Tensor], want: Iterable[str], metric: Metric,
