@@ -12,15 +12,21 @@ families as they are.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 
 from mechtests import families as gpt2
 from mechtests.core.engine import run
-from mechtests.core.prompts import PromptError, PromptFamily
+from mechtests.core.prompts import PromptError, PromptFamily, TokenizedFamily, fit
 from mechtests.organisms import language as lang
 from mechtests.organisms.analysis import EVAL_SEED
-from mechtests.suite.claims import effect_size, reference, reference_shape, shape_of
+from mechtests.suite.claims import (
+    effect_size,
+    reference,
+    reference_shape,
+    shape_of,
+)
 
 N = 8  # prompts per template in a generated organism family
 
@@ -63,6 +69,66 @@ FAMILIES: dict[str, dict[str, dict[str, Callable[[], PromptFamily]]]] = {
 }
 
 
+# Families for a model with no reference of its shape (a real pretrained model): the published
+# experiments' English, with more names, fitted to the subject's tokenizer (``prompts.fit``:
+# a name or word that is not one token there drops its prompts), then split in two.
+ANY: dict[str, dict[str, Callable[[], PromptFamily]]] = {
+    "ioi": {o: (lambda o=o: gpt2.any_ioi(o)) for o in ("ABBA", "BABA")},
+    "recall": {"names": gpt2.any_name_recall},
+    "contraction": {"contracted": gpt2.gpt2_contraction},
+    "gender": {"nouns": gpt2.gpt2_gender},
+}
+SPLIT_SEED = 0  # the split of a family into the half roles are cast on and the half confirmed on
+MIN_HALF = 4  # prompts each half needs: fewer cannot carry a bootstrap CI or a mean
+
+
+@dataclass(frozen=True)
+class Split:
+    """A family fitted to a subject's tokenizer, split in two disjoint halves: the components
+    are found on ``discover`` and the mechanism is confirmed on ``confirm`` (no double
+    dipping). ``whole`` is both together (the effect-size guard and heatmaps)."""
+
+    whole: TokenizedFamily
+    discover: TokenizedFamily
+    confirm: TokenizedFamily
+    seed: int
+
+
+def split_on(task: str, subject, kind: str, record=None, guard: bool = True) -> Split:
+    """The ``kind`` family of ``task`` for a subject with no reference of its shape: the
+    real-language family (``ANY``) fitted to its tokenizer and split with ``SPLIT_SEED``
+    (recorded). Skips, saying why, when the tokenizer cannot express a family large enough to
+    split; with ``guard``, the effect-size guard runs on the whole family (inconclusive when
+    the model does not tell clean from corrupted)."""
+    build = ANY.get(task, {}).get(kind)
+    if build is None:
+        pytest.skip(f"no {task!r} family {kind!r} is written for a model with no reference of "
+                    f"its shape (families for any tokenizer: {sorted(ANY.get(task, {}))})")
+    fam = build()
+    try:
+        whole, dropped = fit(fam, subject.model)
+    except PromptError as exc:
+        pytest.skip(f"this checkpoint's tokenizer cannot express the {task!r} family {kind!r}: "
+                    f"{str(exc).splitlines()[0]}")
+    if whole.n_prompts < 2 * MIN_HALF:
+        pytest.skip(f"this checkpoint's tokenizer expresses only {whole.n_prompts} of the "
+                    f"{len(fam)} prompts of the {task!r} family {kind!r} (two halves of "
+                    f"{MIN_HALF} are needed); left out: " + "; ".join(dropped[:3]))
+    a, b = whole.split(SPLIT_SEED)
+    if record is not None:
+        record.split(fam.name, SPLIT_SEED, a, b, dropped)
+    if guard:
+        _guard(task, kind, subject, whole, record)
+    return Split(whole, whole.subset(a), whole.subset(b), SPLIT_SEED)
+
+
+def _guard(task: str, kind: str, subject, fam: TokenizedFamily, record) -> None:
+    metric = fam.logit_diff()
+    clean = float(metric(run(subject.model, fam.clean, logits_at=-1)[0]).mean())
+    corrupted = float(metric(run(subject.model, fam.corrupted, logits_at=-1)[0]).mean())
+    effect_size(clean, corrupted, f"{task} family {kind!r}, mean logit diff", record)
+
+
 def kinds(task: str) -> list[str]:
     """Every family kind of ``task`` (the claims' ``family`` parameter)."""
     return sorted({k for ref in FAMILIES[task].values() for k in ref})
@@ -88,10 +154,7 @@ def measured_on(task: str, subject, refs: dict, kind: str, record=None, guard: b
     name, ref = reference(subject, refs)
     fam = family(task, name, kind).tokenize(subject.model)
     if guard:
-        metric = fam.logit_diff()
-        clean = float(metric(run(subject.model, fam.clean, logits_at=-1)[0]).mean())
-        corrupted = float(metric(run(subject.model, fam.corrupted, logits_at=-1)[0]).mean())
-        effect_size(clean, corrupted, f"{task} family {kind!r}, mean logit diff", record)
+        _guard(task, kind, subject, fam, record)
     return ref, fam
 
 

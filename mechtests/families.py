@@ -50,10 +50,22 @@ IOI_NAMES = [("Mary", "John"), ("Tom", "James"), ("Dan", "Sid"), ("Martin", "Amy
              ("Sarah", "David"), ("Paul", "Lisa"), ("Anna", "Mark"), ("Kate", "Peter")]
 
 
-def gpt2_ioi(order: str) -> PromptFamily:
+def gpt2_ioi(order: str, names: list[tuple[str, str]] = IOI_NAMES) -> PromptFamily:
     """The four EA templates over eight name pairs, one order (ABBA or BABA): 32 prompts."""
-    rows = [(t, io, s, order) for t, *_ in IOI_EA_TEMPLATES for io, s in IOI_NAMES]
+    rows = [(t, io, s, order) for t, *_ in IOI_EA_TEMPLATES for io, s in names]
     return _ioi_prompt_family(f"ioi_{order.lower()}", rows)
+
+
+# more common English first names, for models of any tokenizer: a name that is not one token
+# there drops its prompts (``prompts.fit``), so the family is written larger than it must be
+IOI_NAMES_MORE = [("Alice", "Bob"), ("Emma", "Jack"), ("Lucy", "Adam"), ("Rose", "Henry"),
+                  ("Grace", "Luke"), ("Jane", "Mike"), ("Laura", "Steve"), ("Helen", "Chris")]
+
+
+def any_ioi(order: str) -> PromptFamily:
+    """The four EA templates over sixteen name pairs, one order: 64 prompts, split in two
+    halves of 32 for a model with no reference of its shape (``claims.families.split_on``)."""
+    return gpt2_ioi(order, IOI_NAMES + IOI_NAMES_MORE)
 
 
 RECALL_FIRST = ["Michelle", "John", "Mary", "David", "Sarah", "James"]
@@ -81,6 +93,22 @@ def gpt2_name_recall() -> PromptFamily:
     of one CPU core for what 12 show as well (the restoration it measures is near 0 or 1)."""
     fills = [{"FIRST": f, "SURNAME": a, "Q": f, "B": b}
              for f, (a, b) in zip(RECALL_FIRST, RECALL_SURNAMES)]
+    return PromptFamily.from_template(
+        "recall", RECALL_TEMPLATES, fills, lambda f: {**f, "SURNAME": f["B"]}, " {SURNAME}",
+        " {B}", prepend_bos=False,
+    )
+
+
+RECALL_FIRST_MORE = ["Emma", "Robert", "Laura", "Peter", "Susan", "Daniel"]
+RECALL_SURNAMES_MORE = [("Walker", "Hall"), ("Young", "King"), ("Wright", "Green"),
+                        ("Baker", "Adams"), ("Hill", "Scott"), ("Carter", "Turner")]
+
+
+def any_name_recall() -> PromptFamily:
+    """``gpt2_name_recall`` with twice the names (24 prompts), for a model of any tokenizer."""
+    fills = [{"FIRST": f, "SURNAME": a, "Q": f, "B": b}
+             for f, (a, b) in zip(RECALL_FIRST + RECALL_FIRST_MORE,
+                                  RECALL_SURNAMES + RECALL_SURNAMES_MORE)]
     return PromptFamily.from_template(
         "recall", RECALL_TEMPLATES, fills, lambda f: {**f, "SURNAME": f["B"]}, " {SURNAME}",
         " {B}", prepend_bos=False,

@@ -113,6 +113,22 @@ class TokenizedFamily:
             {k: v.to(device) for k, v in self.positions.items()}, self.str_tokens,
         )
 
+    def subset(self, idx: Sequence[int]) -> TokenizedFamily:
+        """The prompts at ``idx`` (in that order) as a family of their own."""
+        ix = torch.as_tensor(list(idx), dtype=torch.long)
+        fam = PromptFamily(self.family.name, [self.family.prompts[i] for i in idx],
+                           self.family.prepend_bos, self.family.description)
+        return TokenizedFamily(fam, self.clean[ix], self.corrupted[ix], self.answer_ids[ix],
+                               self.counterfactual_ids[ix],
+                               {k: v[ix] for k, v in self.positions.items()}, self.str_tokens)
+
+    def split(self, seed: int) -> tuple[list[int], list[int]]:
+        """A seeded split of the prompts into two disjoint halves (the first gets the odd one):
+        components are found on one and the mechanism confirmed on the other."""
+        order = torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(seed))
+        half = (self.n_prompts + 1) // 2
+        return sorted(order[:half].tolist()), sorted(order[half:].tolist())
+
     def logit_diff(self):
         """The family's metric: logit(answer) - logit(counterfactual), per prompt."""
         from mechtests.core.metrics import logit_diff
@@ -249,6 +265,33 @@ def _tokenize(fam: PromptFamily, tok: Any) -> TokenizedFamily:
         {k: torch.tensor(v) for k, v in positions.items()},
         [tok.decode([i]) for i in clean[0]],
     )
+
+
+def fit(fam: PromptFamily, model_or_tokenizer: Any) -> tuple[TokenizedFamily, list[str]]:
+    """The largest part of ``fam`` a tokenizer can express as one batch: every prompt that
+    tokenizes on its own (single-token answers, clean and corrupted aligned, known words), of the
+    most common token count. Returns it and, per prompt left out, why (the first line of its
+    ``PromptError``, or its length). A family written for one tokenizer is so rebuilt, from the
+    words that are single tokens in another; ``PromptError`` when no prompt fits."""
+    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    ok: dict[int, list[int]] = {}
+    why: list[str] = []
+    for i, p in enumerate(fam.prompts):
+        try:
+            one = _tokenize(PromptFamily(fam.name, [p], fam.prepend_bos), tok)
+        except PromptError as exc:
+            why.append(str(exc).splitlines()[0])
+            continue
+        ok.setdefault(one.clean.shape[1], []).append(i)
+    if not ok:
+        raise PromptError(f"family {fam.name!r}: no prompt can be expressed in this tokenizer "
+                          f"({len(why)} tried; first: {why[0] if why else '-'})")
+    length, keep = max(ok.items(), key=lambda kv: (len(kv[1]), -kv[0]))
+    why += [f"prompt {i}: {n} tokens, not the {length} most prompts have"
+            for n, idx in ok.items() if n != length for i in idx]
+    kept = PromptFamily(fam.name, [fam.prompts[i] for i in keep], fam.prepend_bos,
+                        fam.description)
+    return _tokenize(kept, tok), why
 
 
 def position(tf: TokenizedFamily, name: str) -> torch.Tensor:

@@ -36,6 +36,15 @@ def _describe(shape: tuple[int, int, int, int]) -> str:
     return f"{shape[0]}-layer, {shape[1]}-head model (d_model {shape[2]}, vocab {shape[3]})"
 
 
+def travels(subject: Any, refs: Mapping[str, Any]) -> bool:
+    """No reference in ``refs`` applies to ``subject`` (neither by name nor by shape): its roles
+    are cast anew from its own measurements (``mechtests.suite.roles``)."""
+    if subject.name in refs:
+        return False
+    shape = shape_of(subject.model)
+    return not any(reference_shape(n) == shape for n in refs)
+
+
 def reference(subject: Any, refs: Mapping[str, T]) -> tuple[str, T]:
     """The expectations that apply to ``subject``: its own by name, else those of a reference
     of the same shape (a fine-tune or another seed of it). Skips, saying why, otherwise."""

@@ -95,6 +95,15 @@ class Record:
             "role": role, "means": means, "expected": list(expected), "found": list(found),
             "moved": dict(moved), "vacant": list(vacant)}))
 
+    def split(self, family: str, seed: int, discover: Any, confirm: Any,
+              dropped: Any = ()) -> None:
+        """Record how a family was split for a cast anew: the seed, the prompts the components
+        were found on and the disjoint ones the mechanism was confirmed on (indices into the
+        family as fitted to the tokenizer), and the prompts the tokenizer could not express."""
+        self._node.user_properties.append((PREFIX + "split", {
+            "family": family, "seed": int(seed), "discover": [int(i) for i in discover],
+            "confirm": [int(i) for i in confirm], "dropped": [str(d) for d in dropped]}))
+
     def beside(self, question: str, outcome: str, reason: str = "") -> None:
         """Record the answer to the question that did not decide the verdict: ``"strict"``
         (are the very same heads doing it) beside a role verdict, or ``"role"`` beside a
@@ -167,6 +176,7 @@ class TestResult:
     casts: list[dict[str, Any]] = field(default_factory=list)  # roles resolved (roles.cast)
     moved: dict[str, str] = field(default_factory=dict)  # {"3.3": "3.0"}: held on other heads
     beside: dict[str, Any] | None = None  # the other question's answer (strict or role)
+    splits: list[dict[str, Any]] = field(default_factory=list)  # a cast anew's halves
     unavailable: str = ""  # the full how-to when the model's weights are not on this machine
 
     def summary(self) -> str:
@@ -212,6 +222,7 @@ def _update(res: TestResult, report: pytest.TestReport) -> None:
     res.casts = [v for k, v in props if k == PREFIX + "cast"]
     res.moved = {a: b for c in res.casts for a, b in c.get("moved", {}).items()}
     res.beside = next((v for k, v in props if k == PREFIX + "beside"), None)
+    res.splits = [v for k, v in props if k == PREFIX + "split"]
     for k, v in props:
         if k == PREFIX + "subject":
             res.subject = v

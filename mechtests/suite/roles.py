@@ -14,18 +14,32 @@ on a subject; ``verdict`` asserts the claim on whoever plays it:
   checked on those. Whichever question decides, when the two differ the other one's answer is
   recorded beside the verdict (``record.beside``) and shown in the report.
 
+On a checkpoint with no reference of its shape (a real model of another size or family) there
+are no reference components to compare with: the role is cast from the subject's own
+measurements (``cast`` with ``expected=()`` and ``n``), on one seeded half of the prompt family,
+and the mechanism is confirmed on the other half (``claims.families.split_on``). Such a verdict
+is **held** (on the components cast here, named in the report), **failed: no component plays
+the role**, or failed by the check. It has a control: the same check on as many other
+components, drawn at random (seeded), must fail; a check that holds for them too does not single
+out the components it names, and the claim fails saying so.
+
 Components are head labels (``"9.9"``) read through ``mechtests.core.sites``.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mechtests.core.sites import Head
 from mechtests.suite.claims import Inconclusive, holds_set
+
+CONTROL_SEED = 0  # which other components the control draws
 
 
 class RoleVacant(AssertionError):
@@ -51,10 +65,20 @@ class Cast:
     reference: bool  # the subject is the reference itself: the role must resolve to expected
     strict: bool  # --strict-components: the claim is checked on the expected components
     scores: Mapping[str, float] = field(default_factory=dict)
+    wanted: int = 0  # how many components the role needs: len(expected), or cast's need
+    pool: tuple[str, ...] = ()  # every component scored (the control draws from the rest)
+
+    @property
+    def anew(self) -> bool:
+        """Cast with no reference components to compare with (no reference of this shape)."""
+        return not self.expected
 
     @property
     def vacant(self) -> tuple[str, ...]:
-        """Expected components no one plays here (``len(expected) - len(found)`` of them)."""
+        """Expected components no one plays here (``len(expected) - len(found)`` of them); on
+        a cast anew, ``#k`` for each of the ``wanted`` places no component filled."""
+        if self.anew:
+            return tuple(f"#{k}" for k in range(len(self.found) + 1, self.wanted + 1))
         return tuple(p[0] for p in self.pairs() if p[1] is None)
 
     def pairs(self) -> list[tuple[str, str | None]]:
@@ -106,22 +130,26 @@ def is_reference(subject: Any, ref_name: str) -> bool:
     return True
 
 
-def cast(subject: Any, ref_name: str, role: Role, expected: Sequence[str],
+def cast(subject: Any, ref_name: str | None, role: Role, expected: Sequence[str],
          scores: Mapping[str, float], record: Any, *, n: int | None = None,
          floor: float | None = None, eligible: Callable[[Head], bool] = lambda h: True,
-         largest: bool = True) -> Cast:
+         largest: bool = True, need: int | None = None) -> Cast:
     """Resolve ``role`` on ``subject``: the ``n`` (default ``len(expected)``) eligible heads
     with the largest (``largest=False``: smallest) ``scores``, each clearing ``floor`` (``>=``,
-    or ``<=`` when ``largest=False``). Records the cast for the report."""
+    or ``<=`` when ``largest=False``). Records the cast for the report. ``expected=()`` and
+    ``ref_name=None``: cast anew, on a subject with no reference of its shape; then the role is
+    vacant when fewer than ``need`` (default ``n``) heads qualify."""
     expected = tuple(str(Head.parse(e)) for e in expected)
     n = len(expected) if n is None else n
+    pool = tuple(sorted(str(Head.parse(h)) for h in scores))
     ranked = sorted((str(Head.parse(h)), float(v)) for h, v in scores.items()
                     if eligible(Head.parse(h)))
     ranked.sort(key=lambda hv: -hv[1] if largest else hv[1])
     if floor is not None:
         ranked = [(h, v) for h, v in ranked if (v >= floor if largest else v <= floor)]
-    c = Cast(role, expected, tuple(h for h, _ in ranked[:n]), is_reference(subject, ref_name),
-             strict_mode(record), dict(scores))
+    c = Cast(role, expected, tuple(h for h, _ in ranked[:n]),
+             ref_name is not None and is_reference(subject, ref_name), strict_mode(record),
+             dict(scores), n if need is None or expected else need, pool)
     if hasattr(record, "cast"):
         record.cast(role.name, role.means, c.expected, c.found, c.moved, c.vacant)
     return c
@@ -160,6 +188,8 @@ def verdict(casts: Cast | Sequence[Cast], check: Callable[..., None], record: An
     kept aside, and its outcome recorded beside the verdict (``record.beside``)."""
     __tracebackhide__ = True
     casts = [casts] if isinstance(casts, Cast) else list(casts)
+    if all(c.anew for c in casts):
+        return _anew(casts, check, record)
     strict = any(c.strict for c in casts)
 
     def run(question: str) -> None:
@@ -182,3 +212,46 @@ def verdict(casts: Cast | Sequence[Cast], check: Callable[..., None], record: An
                 outcome, reason = "inconclusive", str(exc).splitlines()[0]
         record.beside(other, outcome, reason)
     run(primary)
+
+
+def others(c: Cast, seed: int = CONTROL_SEED) -> tuple[str, ...]:
+    """As many components as ``c`` found, none of them found, drawn at random (seeded) from
+    every component scored, not only the eligible ones (eligibility may be the very property
+    the check confirms): the control a cast-anew claim is checked on too."""
+    rest = [h for h in c.pool if h not in c.found]
+    if len(rest) < len(c.found):
+        return ()
+    return tuple(random.Random(seed).sample(rest, len(c.found)))
+
+
+def _anew(casts: list[Cast], check: Callable[..., None], record: Any) -> None:
+    """The verdict on a subject with no reference of its shape: the check on who plays each
+    role here, then the control (the check on as many other eligible components) must fail."""
+    __tracebackhide__ = True
+    if any(c.strict for c in casts):
+        pytest.skip("--strict-components asks whether the reference's own heads play the role; "
+                    "this checkpoint has no reference of its shape, so there are none to ask "
+                    "about (leave --strict-components out to cast the roles on it)")
+    for c in casts:
+        _by_role(c, lambda *_: None, record)
+    check(*[c.found for c in casts])
+    control = [others(c) for c in casts]
+    if not all(control):
+        record.beside("control", "not run", "too few other components to draw from")
+        return
+    drawn = "; ".join(f"{c.role.name}: {list(o)}" for c, o in zip(casts, control))
+    outcome, reason = "held", ""
+    with record.aside():
+        try:
+            check(*control)
+        except AssertionError as exc:
+            outcome, reason = "failed", str(exc).splitlines()[0]
+        except Inconclusive as exc:
+            outcome, reason = "inconclusive", str(exc).splitlines()[0]
+    record.beside("control", outcome, f"the same check on {drawn}" + (
+        f": {reason}" if reason else ""))
+    if outcome == "held":
+        raise AssertionError(
+            f"the check does not single out the components cast here: it holds as well on as "
+            f"many other components drawn at random (seed {CONTROL_SEED}; {drawn}), so "
+            f"it says nothing about who plays the role")
