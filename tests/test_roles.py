@@ -284,8 +284,8 @@ def test_seed7_induction_heads_moved_and_its_look_back_head_is_gone(pytester):
 # -- behaviour claims run wherever their prompts can be written ---------------------------------
 def test_behaviour_claim_runs_on_any_shape_that_can_express_its_family(pytester, tmp_path):
     """ioi.logit_diff names no component: on a 2-layer model with the multitask organism's
-    tokenizer it runs (and fails: random weights), where the head claims skip (no reference of
-    that shape). (The induction organism shares that tokenizer: it runs there too, and fails:
+    tokenizer it runs (and fails: random weights). The head claims, with no reference of that
+    shape, cast their roles anew and are judged too: never skipped for the shape. (The induction organism shares that tokenizer: it runs there too, and fails:
     CI lows -0.43 and -1.37.) A tokenizer without IOI's words skips, saying so."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -298,8 +298,10 @@ def test_behaviour_claim_runs_on_any_shape_that_can_express_its_family(pytester,
     run_claims(pytester, ["test_ioi.py"], out)
     tests = by_claim(report_of(pytester))
     assert {t["outcome"] for t in tests["ioi.logit_diff"]} == {"failed"}, tests["ioi.logit_diff"]
-    assert all(t["outcome"] == "skipped" and "no reference of this checkpoint's shape"
-               in t["reason"] for t in tests["ioi.name_movers"])
+    movers = tests["ioi.name_movers"]
+    assert not any("no reference of this checkpoint's shape" in t["reason"] for t in movers)
+    assert {t["outcome"] for t in movers} <= {"inconclusive", "failed", "skipped"}, movers
+    assert all("cannot express" in t["reason"] for t in movers if t["outcome"] == "skipped")
 
 
 def test_behaviour_claim_skips_saying_the_tokenizer_cannot_express_its_family(pytester,

@@ -1,4 +1,5 @@
-"""Get a model under test from a spec: a hub name, a local Hugging Face directory, or an organism.
+"""Get a model under test from a spec: a hub name, a local Hugging Face directory, an organism,
+or a real pretrained model known by name (``smollm2``: ``mechtests.core.real_models``).
 
 Everything loads through TransformerLens 4.x (``TransformerBridge.boot_transformers``) from a
 local directory that has been checked first: safetensors only, never pickles, never remote code,
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from mechtests.core.real_models import REAL_MODELS, real_model_dir
 
 ORGANISMS_ENV = "MECHTESTS_ORGANISMS"  # a directory of organism checkpoints, if set
 
@@ -77,9 +80,10 @@ def looks_like_path(spec: str) -> bool:
 
 
 def _did_you_mean(spec: str) -> str:
-    """`` Did you mean 'induction'?`` for a near miss of an organism or a sibling directory."""
+    """`` Did you mean 'induction'?`` for a near miss of an organism, a real model's name or a
+    sibling directory."""
     path = Path(spec).expanduser()
-    candidates = {o: o for o in organisms()}
+    candidates = {o: o for o in (*organisms(), *REAL_MODELS)}
     parent = path.parent if str(path.parent) not in ("", ".") or "/" in spec else Path(".")
     if parent.is_dir():
         try:
@@ -96,18 +100,21 @@ def _did_you_mean(spec: str) -> str:
 
 
 def resolve(spec: str) -> ModelSpec:
-    """Turn ``gpt2`` / ``path/to/dir`` / ``induction`` (a shipped organism) into a local dir."""
+    """Turn ``gpt2`` / ``path/to/dir`` / ``induction`` (a shipped organism) / ``smollm2`` (a
+    real model, converted once into the cache) into a local dir."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return ModelSpec(spec, path.resolve(), path.name)
     if spec and (organisms_dir() / spec).is_dir():
         return ModelSpec(spec, organism_dir(spec), spec)
+    if spec in REAL_MODELS:
+        return ModelSpec(spec, real_model_dir(spec), spec)
     if looks_like_path(spec):
         raise NoSuchModel(
             f"model {spec!r}: no such directory ({path.absolute()}).{_did_you_mean(spec)} Pass "
             f"a directory holding config.json, model.safetensors and tokenizer files, a hub "
-            f"name such as 'gpt2', or one of the shipped organisms: "
-            f"{', '.join(organisms()) or '(none)'}"
+            f"name such as 'gpt2', one of the shipped organisms: "
+            f"{', '.join(organisms()) or '(none)'}, or a real model: {', '.join(REAL_MODELS)}"
         )
     return ModelSpec(spec, _from_hub_cache(spec), spec)
 
@@ -145,7 +152,8 @@ def _from_hub_cache(name: str) -> Path:
             else ""
         raise ModelUnavailable(
             name, f"model {name!r}: weights are not on this machine (not a local directory, not "
-            f"a shipped organism, not in the Hugging Face cache{where}; nothing is "
+            f"a shipped organism, not a real model ({', '.join(REAL_MODELS)}), not in the Hugging "
+            f"Face cache{where}; nothing is "
             f"downloaded).{_did_you_mean(name)} {how}"
         ) from exc
     path = Path(snap)

@@ -280,7 +280,8 @@ def fit(fam: PromptFamily, model_or_tokenizer: Any) -> tuple[TokenizedFamily, li
         try:
             one = _tokenize(PromptFamily(fam.name, [p], fam.prepend_bos), tok)
         except PromptError as exc:
-            why.append(str(exc).splitlines()[0])
+            first = str(exc).splitlines()[0].split(", prompt 0: ", 1)[-1]
+            why.append(f"prompt {i} ({p.clean!r}): {first}")
             continue
         ok.setdefault(one.clean.shape[1], []).append(i)
     if not ok:
