@@ -182,6 +182,38 @@ def save_arch_checkpoint(path: str | Path, arch: str, seed: int = 0, n_layer: in
     return path
 
 
+def save_tiny_llama(path: str | Path, n_layer: int = 2, n_head: int = 6, n_kv_heads: int = 2,
+                    head_dim: int = 4, tie: bool = True, seed: int = 0, init: float = 0.25,
+                    words: Sequence[str] = WORDS) -> Path:
+    """A tiny random Llama shaped like SmolLM2 in what matters to head-level edits: grouped-query
+    attention (``n_head // n_kv_heads`` query heads per key-value head: 3, as SmolLM2's 9 / 3),
+    ``head_dim`` set apart from ``hidden_size / n_head``, and, with ``tie``, the unembedding tied
+    to the embedding. Weights at std ``init`` and perturbed norms, as
+    :func:`save_arch_checkpoint`; saved as safetensors with a word-level tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = word_tokenizer(words)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64,
+                      num_hidden_layers=n_layer, num_attention_heads=n_head,
+                      num_key_value_heads=n_kv_heads, head_dim=head_dim,
+                      max_position_embeddings=64, tie_word_embeddings=tie, bos_token_id=0,
+                      eos_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # a tied matrix is listed (and drawn) once; 1-D: norms
+            if p.dim() >= 2:
+                p.copy_(init * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def broken_copy(src: str | Path, out: str | Path, zero_heads: Sequence[str] = (),
                 random_init: bool = False, seed: int = 1234) -> Path:
     """A copy of the GPT-2 checkpoint ``src`` at ``out``: the listed heads' (``"L.H"``) output

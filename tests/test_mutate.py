@@ -133,12 +133,12 @@ def test_mutate_reports_kill_matrix_and_bad_input(pytester, tiny_model_dir):
 def test_a_model_mutants_cannot_be_built_for_gets_a_message(tiny_model, tmp_path):
     shutil.copytree(spec_of(tiny_model).path, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
 
     class Fake:
         pass
 
     fake = Fake()
     remember(fake, type(spec_of(tiny_model))("m", tmp_path / "m", "m"))
-    with pytest.raises(mu.MutationError, match="GPT-2-architecture checkpoints only"):
+    with pytest.raises(mu.MutationError, match="GPT-2- and Llama-architecture checkpoints only"):
         mu.build_mutant(fake, mu.Mutant("noise", "hold", mu.noise_all))

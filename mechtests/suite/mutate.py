@@ -5,16 +5,24 @@ holds on its subject is run again, in the same process, on mutants of that subje
 memory from the components the claim names (``record.components([...])``):
 
 * ``relabel``: heads rotated within every layer (head h moves to h+1), a function-preserving
-  renumbering. A claim that names no head by index must measure identical values; a claim that
-  names heads by index now points at other heads and must fail; a claim that casts its heads by
-  role (``mechtests.suite.roles``) must hold *moved*, each head followed to its new index, with
-  identical values (a mutant is never the reference itself, so its roles are cast, not asserted);
-  a role made of every head of its layers maps onto itself and must hold on the same heads.
+  renumbering. With grouped-query attention (Llama) a query head can only move among the heads
+  that share its key-value head, so heads rotate within each key-value group (in a group of 3:
+  0 -> 1 -> 2 -> 0; ``relabelled`` says where a head went). A claim that names no head by
+  index must measure identical values; a claim that names heads by index now points at other
+  heads and must fail; a claim that casts its heads by role (``mechtests.suite.roles``) must
+  hold *moved*, each head followed to its new index, with identical values (a mutant is never
+  the reference itself, so its roles are cast, not asserted); a role made of every head of its
+  layers (or of its key-value groups) maps onto itself and must hold on the same heads.
 * ``QK <c>``: component c's attention broken (its queries zeroed: uniform causal attention).
 * ``OV <c>``: component c's output broken (its output weights zeroed). For an MLP layer or the
-  embedding, ``OV`` is the only break (output zeroed; embedding rows shuffled).
+  embedding, ``OV`` is the only break (output zeroed; embedding rows shuffled). GPT-2 shuffles
+  its tied embedding/unembedding matrix as one; a Llama whose unembedding is tied to its
+  embedding (SmolLM2) is untied first, so only the input embedding is shuffled and the
+  unembedding stays the original (the mutant's config says untied, its weights agree).
 * ``unnamed``: every head and MLP the claim does not name perturbed with 10% relative Gaussian
-  noise on its weights: the claim must hold (specificity).
+  noise on its weights: the claim must hold (specificity). With grouped-query attention keys
+  and values are shared by a group: they are perturbed only where no head of the group is
+  named.
 * ``noise``: 1% relative Gaussian noise on every weight: the claim must hold (robustness).
 
 Each mutant's outcome is compared with what a discriminating claim does there; the kill matrix
@@ -24,11 +32,15 @@ and a one-word verdict per claim go to the terminal summary and the report:
 ``does not follow its heads when renumbered`` (a role claim that did not hold moved there).
 A role claim meets a broken head's mutant as a discriminating claim must when it fails, or when
 it holds *moved* away from every component the mutant broke (it found the mechanism elsewhere
-and says so).
+and says so). On a subject with no reference of its shape (roles cast anew: no expected heads),
+the heads the unmutated run found stand in for the expected ones: a mutant on which the role
+falls on other heads has *moved* (``moved_anew``).
 
 Components: ``"L.H"`` (head H of layer L), ``"attn_L"`` (every head of layer L), ``"mlp_L"``,
-``"embed"``. A behaviour claim (``kind="behaviour"`` in its ``claim`` marker) names no
-component: only ``relabel`` (values must not move) and ``noise`` apply to it.
+``"embed"``. Mutants are built for GPT-2 and Llama checkpoints (``config.json`` ``model_type``
+``gpt2`` / ``llama``): what each edit touches is in that architecture's :class:`Layout`. A
+behaviour claim (``kind="behaviour"`` in its ``claim`` marker) names no component: only
+``relabel`` (values must not move) and ``noise`` apply to it.
 """
 
 from __future__ import annotations
@@ -38,8 +50,9 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,6 +64,10 @@ UNNAMED_NOISE = 0.10  # relative std of the noise on components the claim does n
 ALL_NOISE = 0.01  # relative std of the noise on every weight
 SAME_ATOL, SAME_RTOL = 1e-4, 1e-3  # "identical values" under a function-preserving relabel
 SEED = 0
+# Built mutants are kept for later tests naming the same components up to this many bytes of
+# parameters, the oldest dropped beyond it: the organisms' all fit, while a SmolLM2 mutant holds
+# 0.6 GiB of parameters (1.8 GiB resident with its reference) and a claim has a dozen mutants.
+CACHE_BYTES = 2 << 30
 
 _HEAD = re.compile(r"^(\d+)\.(\d+)$")
 _LAYER = re.compile(r"^(attn|mlp)_(\d+)$")
@@ -66,7 +83,7 @@ class Mutant:
 
     name: str
     expected: str  # "fail" | "hold" | "same" | "moved"
-    edit: Callable[[dict[str, torch.Tensor], Any], None]  # mutates an HF GPT-2 state dict
+    edit: Edit  # mutates a Hugging Face state dict, given its Layout
     broken: tuple[str, ...] = ()  # the components a "fail" mutant breaks
 
 
@@ -91,73 +108,329 @@ def parse(component: str, n_layers: int, n_heads: int) -> tuple[str, int, int | 
                         f"as 'attn_L' or 'mlp_L', or 'embed'")
 
 
-# -- edits on an HF GPT-2 state dict (Conv1D weights: [in, out]) -----------------------------------
-def _cols(cfg: Any, part: int, head: int | None) -> slice:
-    """Columns of c_attn for Q (part 0), K (1) or V (2) of one head (or all heads)."""
-    d, dh = cfg.n_embd, cfg.n_embd // cfg.n_head
+# -- where each architecture keeps what the edits touch --------------------------------------------
+Part = tuple[str, int, slice]  # a state-dict tensor's name, an axis, a slice along it
+
+
+def _at(t: torch.Tensor, dim: int, sl: slice) -> torch.Tensor:
+    """The view of ``t`` at ``sl`` along axis ``dim`` (writes to it land in ``t``)."""
+    return t[(slice(None),) * dim + (sl,)]
+
+
+def _span(head: int | None, d_head: int, n: int, offset: int = 0) -> slice:
+    """One head's ``d_head`` indices (every head's, ``head=None``, of ``n``) after ``offset``."""
     if head is None:
-        return slice(part * d, (part + 1) * d)
-    return slice(part * d + head * dh, part * d + (head + 1) * dh)
+        return slice(offset, offset + n * d_head)
+    return slice(offset + head * d_head, offset + (head + 1) * d_head)
 
 
-def _rows(cfg: Any, head: int | None) -> slice:
-    dh = cfg.n_embd // cfg.n_head
-    return slice(None) if head is None else slice(head * dh, (head + 1) * dh)
+def relabel_cycle(n_heads: int, n_kv_heads: int | None = None) -> int:
+    """How many heads one ``relabel`` rotation runs over: every head of the layer when each has
+    its own keys and values (they move with it), else one key-value group (a query head cannot
+    leave the key-value head it reads, so it moves only among the heads sharing it)."""
+    group = n_heads // n_kv_heads if n_kv_heads else 1
+    return group if group > 1 else n_heads
 
 
-def break_qk(component: str) -> Callable[[dict, Any], None]:
-    def edit(sd: dict[str, torch.Tensor], cfg: Any) -> None:
-        kind, layer, head = parse(component, cfg.n_layer, cfg.n_head)
+@dataclass
+class Layout:
+    """Where one architecture keeps, in its Hugging Face state dict, what the edits touch: a
+    head's queries, a key-value head's keys and values, a head's output, an MLP's weights, the
+    embedding. The edits are written once against these; each architecture is one subclass
+    (:data:`LAYOUTS`), so adding one means saying where its weights are, nothing else."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    model: Any = None  # the Hugging Face model the state dict is of (to untie), if any
+
+    embed: ClassVar[str] = ""  # the input embedding's state-dict name
+
+    @property
+    def group(self) -> int:
+        """Query heads per key-value head (1: each head has its own)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def cycle(self) -> int:
+        return relabel_cycle(self.n_heads, self.n_kv_heads)
+
+    def kv_of(self, head: int) -> int:
+        """The key-value head query head ``head`` reads."""
+        return head // self.group
+
+    def q(self, layer: int, head: int | None) -> list[Part]:
+        """A head's (``None``: every head's) query weights and biases."""
+        raise NotImplementedError
+
+    def kv(self, layer: int, kv: int | None) -> list[Part]:
+        """A key-value head's (``None``: every one's) key and value weights and biases."""
+        raise NotImplementedError
+
+    def o(self, layer: int, head: int | None) -> list[Part]:
+        """A head's (``None``: every head's) slice of the attention's output weights."""
+        raise NotImplementedError
+
+    def attn_weights(self, layer: int) -> list[str]:
+        """The attention's weight matrices (what ``perturb_unnamed`` perturbs), in order."""
+        raise NotImplementedError
+
+    def mlp(self, layer: int) -> list[str]:
+        """The MLP's weight matrices, in order."""
+        raise NotImplementedError
+
+    def mlp_out(self, layer: int) -> str:
+        """The MLP's output weights."""
+        raise NotImplementedError
+
+    def noised(self, sd: dict[str, torch.Tensor]) -> list[str]:
+        """The tensors ``noise_all`` perturbs, in order."""
+        return [n for n in sorted(sd) if n.endswith(".weight") or n.endswith(".bias")]
+
+    def untie(self, sd: dict[str, torch.Tensor]) -> None:
+        """Give the unembedding its own copy of a tied embedding, before the embedding alone
+        is edited (no-op by default)."""
+
+    @classmethod
+    def of(cls, cfg: Any, model: Any = None) -> Layout:
+        """The layout of a model with Hugging Face config ``cfg``."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: Path, dtype: torch.dtype) -> Any:
+        """The Hugging Face model of the checkpoint at ``path`` (safetensors only)."""
+        raise NotImplementedError
+
+
+class GPT2Layout(Layout):
+    """GPT-2: fused ``c_attn`` (Conv1D, ``[d, 3d]``: Q | K | V, head-major within each),
+    ``c_proj`` ``[d, d]`` (a head's rows), ``mlp.c_fc``/``mlp.c_proj``; every head has its own
+    keys and values. The embedding is tied to the unembedding and ``break_ov("embed")``
+    shuffles the shared matrix (both at once), as it always has."""
+
+    embed = "transformer.wte.weight"
+
+    def _qkv(self, layer: int, part: int, head: int | None) -> list[Part]:
         p = f"transformer.h.{layer}.attn.c_attn"
-        sd[p + ".weight"][:, _cols(cfg, 0, head)] = 0  # queries 0: every score equal
-        sd[p + ".bias"][_cols(cfg, 0, head)] = 0
+        d = self.n_heads * self.d_head
+        cols = _span(head, self.d_head, self.n_heads, part * d)
+        return [(p + ".weight", 1, cols), (p + ".bias", 0, cols)]
+
+    def q(self, layer: int, head: int | None) -> list[Part]:
+        return self._qkv(layer, 0, head)
+
+    def kv(self, layer: int, kv: int | None) -> list[Part]:
+        return self._qkv(layer, 1, kv) + self._qkv(layer, 2, kv)
+
+    def o(self, layer: int, head: int | None) -> list[Part]:
+        return [(f"transformer.h.{layer}.attn.c_proj.weight", 0,
+                 _span(head, self.d_head, self.n_heads))]
+
+    def attn_weights(self, layer: int) -> list[str]:
+        return [f"transformer.h.{layer}.attn.{p}.weight" for p in ("c_attn", "c_proj")]
+
+    def mlp(self, layer: int) -> list[str]:
+        return [f"transformer.h.{layer}.mlp.{p}.weight" for p in ("c_fc", "c_proj")]
+
+    def mlp_out(self, layer: int) -> str:
+        return f"transformer.h.{layer}.mlp.c_proj.weight"
+
+    @classmethod
+    def of(cls, cfg: Any, model: Any = None) -> Layout:
+        return cls(cfg.n_layer, cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head, model)
+
+    @classmethod
+    def load(cls, path: Path, dtype: torch.dtype) -> Any:
+        from transformers import GPT2LMHeadModel
+
+        return GPT2LMHeadModel.from_pretrained(path, use_safetensors=True)
+
+
+class LlamaLayout(Layout):
+    """Llama (SmolLM2 among them): ``q_proj``/``k_proj``/``v_proj`` (Linear, ``[out, d]``: a
+    head's rows), ``o_proj`` ``[d, n_heads * d_head]`` (a head's columns), gated MLP
+    ``gate_proj``/``up_proj``/``down_proj``; grouped-query attention (``group`` query heads read
+    one key-value head). A tied embedding is untied before the embedding alone is broken, and
+    noised once (it stays tied) by ``noise_all``."""
+
+    embed = "model.embed_tokens.weight"
+    unembed = "lm_head.weight"
+
+    def _proj(self, layer: int, name: str, head: int | None, n: int) -> list[Part]:
+        p = f"model.layers.{layer}.self_attn.{name}"
+        rows = _span(head, self.d_head, n)
+        return [(p + ".weight", 0, rows), (p + ".bias", 0, rows)]
+
+    def q(self, layer: int, head: int | None) -> list[Part]:
+        return self._proj(layer, "q_proj", head, self.n_heads)
+
+    def kv(self, layer: int, kv: int | None) -> list[Part]:
+        return (self._proj(layer, "k_proj", kv, self.n_kv_heads)
+                + self._proj(layer, "v_proj", kv, self.n_kv_heads))
+
+    def o(self, layer: int, head: int | None) -> list[Part]:
+        return [(f"model.layers.{layer}.self_attn.o_proj.weight", 1,
+                 _span(head, self.d_head, self.n_heads))]
+
+    def attn_weights(self, layer: int) -> list[str]:
+        return [f"model.layers.{layer}.self_attn.{p}_proj.weight" for p in "qkvo"]
+
+    def mlp(self, layer: int) -> list[str]:
+        return [f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+
+    def mlp_out(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.down_proj.weight"
+
+    def noised(self, sd: dict[str, torch.Tensor]) -> list[str]:
+        """Each tensor once: a tied embedding/unembedding gets one draw of noise and stays
+        tied."""
+        seen: set[int] = set()
+        out = []
+        for name in super().noised(sd):
+            if sd[name].data_ptr() not in seen:
+                seen.add(sd[name].data_ptr())
+                out.append(name)
+        return out
+
+    def untie(self, sd: dict[str, torch.Tensor]) -> None:
+        """A tied unembedding (``tie_word_embeddings``: one matrix for both) gets its own copy,
+        in the state dict and, when known, in the model, whose config then says untied: the
+        mutant's config and weights load and boot consistently."""
+        e, u = sd.get(self.embed), sd.get(self.unembed)
+        if e is None or u is None or e.data_ptr() != u.data_ptr():
+            return
+        own = torch.nn.Parameter(u.detach().clone(), requires_grad=False)
+        if self.model is not None:
+            self.model.lm_head.weight = own
+            self.model.config.tie_word_embeddings = False
+        sd[self.unembed] = own.data
+
+    @classmethod
+    def of(cls, cfg: Any, model: Any = None) -> Layout:
+        H = cfg.num_attention_heads
+        d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+        return cls(cfg.num_hidden_layers, H, getattr(cfg, "num_key_value_heads", None) or H,
+                   d_head, model)
+
+    @classmethod
+    def load(cls, path: Path, dtype: torch.dtype) -> Any:
+        """Loaded as ``mechtests.core.models.load_model`` loads it (eager attention, attention
+        patterns output, the subject's dtype)."""
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig.from_pretrained(path, output_attentions=True)
+        return LlamaForCausalLM.from_pretrained(
+            path, config=config, use_safetensors=True, dtype=dtype, local_files_only=True,
+            attn_implementation="eager")
+
+
+LAYOUTS: dict[str, type[Layout]] = {"gpt2": GPT2Layout, "llama": LlamaLayout}
+
+
+def layout_of(cfg: Any, model: Any = None) -> Layout:
+    """The :class:`Layout` of a Hugging Face config (``model_type`` picks the architecture; a
+    bare namespace with ``n_head``/``n_embd``/``n_layer`` is GPT-2's); a layout as is."""
+    if isinstance(cfg, Layout):
+        return cfg
+    kind = getattr(cfg, "model_type", None) or ("gpt2" if hasattr(cfg, "n_head") else None)
+    if kind not in LAYOUTS:
+        raise MutationError(f"no mutant layout for model_type {kind!r} (have: "
+                            f"{', '.join(LAYOUTS)})")
+    return LAYOUTS[kind].of(cfg, model)
+
+
+# -- edits on a Hugging Face state dict, through its layout ----------------------------------------
+Edit = Callable[[dict[str, torch.Tensor], Any], None]  # (state dict, Layout or HF config)
+
+
+def _present(sd: dict[str, torch.Tensor], parts: list[Part]) -> list[Part]:
+    """``parts`` less the biases this checkpoint does not have (Llama's are optional)."""
+    return [p for p in parts if p[0] in sd or not p[0].endswith(".bias")]
+
+
+def _view(sd: dict[str, torch.Tensor], part: Part) -> torch.Tensor:
+    return _at(sd[part[0]], part[1], part[2])
+
+
+def break_qk(component: str) -> Edit:
+    """Zero the queries of head ``L.H`` (``attn_L``: of every head of layer L), biases too:
+    every score of the head is then equal (with rotary too: a zero query has a zero dot
+    product at every position), so it attends uniformly over the causal prefix."""
+    def edit(sd: dict[str, torch.Tensor], cfg: Any) -> None:
+        lay = layout_of(cfg)
+        kind, layer, head = parse(component, lay.n_layers, lay.n_heads)
+        for part in _present(sd, lay.q(layer, head)):
+            _view(sd, part).zero_()
     return edit
 
 
-def break_ov(component: str) -> Callable[[dict, Any], None]:
+def break_ov(component: str) -> Edit:
+    """Zero what ``component`` writes: a head's slice of the attention's output weights (every
+    head's for ``attn_L``), an MLP's output weights; or shuffle the embedding's rows (seeded).
+    A tied unembedding is untied first where the layout says so (Llama), so the unembedding
+    stays the original and only the input embedding is broken."""
     def edit(sd: dict[str, torch.Tensor], cfg: Any) -> None:
-        kind, layer, head = parse(component, cfg.n_layer, cfg.n_head)
+        lay = layout_of(cfg)
+        kind, layer, head = parse(component, lay.n_layers, lay.n_heads)
         if kind == "embed":
+            lay.untie(sd)
             gen = torch.Generator().manual_seed(SEED)
-            w = sd["transformer.wte.weight"]
+            w = sd[lay.embed]
             w.copy_(w[torch.randperm(w.shape[0], generator=gen)])
         elif kind == "mlp":
-            sd[f"transformer.h.{layer}.mlp.c_proj.weight"].zero_()
+            sd[lay.mlp_out(layer)].zero_()
         else:
-            sd[f"transformer.h.{layer}.attn.c_proj.weight"][_rows(cfg, head)] = 0
+            for part in _present(sd, lay.o(layer, head)):
+                _view(sd, part).zero_()
     return edit
 
 
 def permute_heads(sd: dict[str, torch.Tensor], cfg: Any,
                   perms: dict[int, Sequence[int]]) -> None:
     """Renumber heads within layers, keeping the function: new head ``j`` of layer ``L`` is old
-    head ``perms[L][j]`` (its q/k/v columns and its output rows move together)."""
+    head ``perms[L][j]`` (its queries and its output slice move together, and its keys and
+    values when it has its own; with grouped-query attention a head may move only within its
+    key-value group). ``cfg``: a :class:`Layout` or a Hugging Face config."""
+    lay = layout_of(cfg)
     for layer, src in perms.items():
-        if sorted(src) != list(range(cfg.n_head)):
-            raise ValueError(f"layer {layer}: {list(src)} is not a permutation of the "
-                             f"{cfg.n_head} heads")
-        p = f"transformer.h.{layer}.attn"
-        w, b, o = (sd[f"{p}.c_attn.weight"], sd[f"{p}.c_attn.bias"], sd[f"{p}.c_proj.weight"])
-        w0, b0, o0 = w.clone(), b.clone(), o.clone()
-        for part in range(3):
-            for j, s in enumerate(src):
-                w[:, _cols(cfg, part, j)] = w0[:, _cols(cfg, part, s)]
-                b[_cols(cfg, part, j)] = b0[_cols(cfg, part, s)]
+        src = list(src)
+        if sorted(src) != list(range(lay.n_heads)):
+            raise ValueError(f"layer {layer}: {src} is not a permutation of the "
+                             f"{lay.n_heads} heads")
+        if lay.group > 1 and any(lay.kv_of(s) != lay.kv_of(j) for j, s in enumerate(src)):
+            raise ValueError(f"layer {layer}: {src} moves a head out of its key-value group "
+                             f"({lay.group} query heads share each key-value head)")
+
+        def parts(h: int, layer: int = layer) -> list[Part]:
+            own_kv = lay.kv(layer, h) if lay.group == 1 else []
+            return _present(sd, lay.q(layer, h) + own_kv + lay.o(layer, h))
+
+        old = {name: sd[name].clone() for name in {p[0] for p in parts(0)}}
         for j, s in enumerate(src):
-            o[_rows(cfg, j)] = o0[_rows(cfg, s)]
+            for (name, dim, sl), (_, _, sl_src) in zip(parts(j), parts(s)):
+                _at(sd[name], dim, sl).copy_(_at(old[name], dim, sl_src))
 
 
 def relabel(sd: dict[str, torch.Tensor], cfg: Any) -> None:
-    """Rotate heads within every layer: new head j is old head j-1 (function-preserving)."""
-    H = cfg.n_head
-    permute_heads(sd, cfg, {layer: [(j - 1) % H for j in range(H)]
-                            for layer in range(cfg.n_layer)})
+    """Rotate heads within every layer (function-preserving): new head j is old head j-1 of
+    its cycle (:func:`relabel_cycle`: the layer's heads, or with grouped-query attention its
+    key-value group: in a group of 3, 0 -> 1 -> 2 -> 0)."""
+    lay = layout_of(cfg)
+    c = lay.cycle
+    src = [j - j % c + (j - 1) % c for j in range(lay.n_heads)]
+    permute_heads(sd, lay, {layer: src for layer in range(lay.n_layers)})
 
 
-def relabelled(component: str, n_layers: int, n_heads: int) -> str:
-    """Where ``component`` lives after ``relabel``."""
+def relabelled(component: str, n_layers: int, n_heads: int,
+               n_kv_heads: int | None = None) -> str:
+    """Where ``component`` lives after ``relabel`` (``n_kv_heads``: the model's key-value
+    heads, for grouped-query attention; the TransformerLens config's ``n_key_value_heads``)."""
     kind, layer, head = parse(component, n_layers, n_heads)
-    return f"{layer}.{(head + 1) % n_heads}" if kind == "head" else component
+    if kind != "head" or head is None:
+        return component
+    c = relabel_cycle(n_heads, n_kv_heads)
+    return f"{layer}.{head - head % c + (head % c + 1) % c}"
 
 
 def _noise(t: torch.Tensor, scale: float, gen: torch.Generator,
@@ -172,36 +445,48 @@ def _noise(t: torch.Tensor, scale: float, gen: torch.Generator,
 
 
 def noise_all(sd: dict[str, torch.Tensor], cfg: Any) -> None:
+    """1% relative Gaussian noise (seeded) on every weight and bias the layout lists."""
+    lay = layout_of(cfg)
     gen = torch.Generator().manual_seed(SEED + 1)
-    for name in sorted(sd):
-        if name.endswith(".weight") or name.endswith(".bias"):
-            _noise(sd[name], ALL_NOISE, gen)
+    for name in lay.noised(sd):
+        _noise(sd[name], ALL_NOISE, gen)
 
 
-def perturb_unnamed(named: Sequence[str]) -> Callable[[dict, Any], None]:
-    """Noise on the heads and MLPs ``named`` does not cover (named ones left exactly as is)."""
+def perturb_unnamed(named: Sequence[str]) -> Edit:
+    """Noise on the heads and MLPs ``named`` does not cover (named ones left exactly as is): a
+    head's queries and output slice, and its keys and values when it has its own. With
+    grouped-query attention keys and values belong to a group: they are perturbed only when
+    none of the group's query heads is named (a named head reads them)."""
     def edit(sd: dict[str, torch.Tensor], cfg: Any) -> None:
+        lay = layout_of(cfg)
         gen = torch.Generator().manual_seed(SEED + 2)
-        parsed = [parse(c, cfg.n_layer, cfg.n_head) for c in named]
-        dh = cfg.n_embd // cfg.n_head
-        for layer in range(cfg.n_layer):
-            keep = torch.zeros(cfg.n_head)
-            for kind, lay, head in parsed:
-                if lay == layer and kind == "head":
-                    keep[head] = 1
-                if lay == layer and kind == "attn":
-                    keep[:] = 1
-            vary = (1 - keep).repeat_interleave(dh)  # [d] per head's slice
-            p = f"transformer.h.{layer}.attn"
-            _noise(sd[f"{p}.c_attn.weight"], UNNAMED_NOISE, gen, vary.repeat(3)[None, :])
-            _noise(sd[f"{p}.c_proj.weight"], UNNAMED_NOISE, gen, vary[:, None])
-            if not any(k == "mlp" and lay == layer for k, lay, _ in parsed):
-                for part in ("c_fc", "c_proj"):
-                    _noise(sd[f"transformer.h.{layer}.mlp.{part}.weight"], UNNAMED_NOISE, gen)
+        parsed = [parse(c, lay.n_layers, lay.n_heads) for c in named]
+        for layer in range(lay.n_layers):
+            keep = set()
+            for kind, lay_, head in parsed:
+                if lay_ == layer and kind == "head":
+                    keep.add(head)
+                if lay_ == layer and kind == "attn":
+                    keep.update(range(lay.n_heads))
+            kept_kv = {lay.kv_of(h) for h in keep}
+            weights = lay.attn_weights(layer)
+            masks = {w: torch.zeros(sd[w].shape) for w in weights}
+            parts = [p for h in range(lay.n_heads) if h not in keep
+                     for p in lay.q(layer, h) + lay.o(layer, h)]
+            parts += [p for g in range(lay.n_kv_heads) if g not in kept_kv
+                      for p in lay.kv(layer, g)]
+            for name, dim, sl in parts:
+                if name in masks:
+                    _at(masks[name], dim, sl).fill_(1)
+            for w in weights:
+                _noise(sd[w], UNNAMED_NOISE, gen, masks[w])
+            if not any(k == "mlp" and lay_ == layer for k, lay_, _ in parsed):
+                for w in lay.mlp(layer):
+                    _noise(sd[w], UNNAMED_NOISE, gen)
     return edit
 
 
-def _all(edits: list[Callable[[dict, Any], None]]) -> Callable[[dict, Any], None]:
+def _all(edits: list[Edit]) -> Edit:
     def edit(sd: dict[str, torch.Tensor], cfg: Any) -> None:
         for e in edits:
             e(sd, cfg)
@@ -210,21 +495,22 @@ def _all(edits: list[Callable[[dict, Any], None]]) -> Callable[[dict, Any], None
 
 def mutants(components: Sequence[str], breaks: Sequence[str], index_free: bool,
             n_layers: int, n_heads: int, together: bool = False,
-            by_role: bool = False) -> list[Mutant]:
+            by_role: bool = False, n_kv_heads: int | None = None) -> list[Mutant]:
     """The mutants a claim naming ``components`` is run on (see the module docstring).
     ``by_role``: the claim casts its heads by role (``mechtests.suite.roles``), so under a
-    renumbering it must hold *moved*, with the same values."""
+    renumbering it must hold *moved*, with the same values. ``n_kv_heads``: the model's
+    key-value heads (grouped-query attention renumbers heads within a group only)."""
     for c in components:
         parse(c, n_layers, n_heads)
     names_heads = any(_HEAD.match(c) for c in components)
     out = []
-    if n_heads > 1 and n_layers > 0:
+    if relabel_cycle(n_heads, n_kv_heads) > 1 and n_layers > 0:
         expect = "same" if index_free or not names_heads else ("moved" if by_role else "fail")
         heads = {c for c in components if _HEAD.match(c)}
-        if by_role and heads == {relabelled(c, n_layers, n_heads) for c in heads}:
-            # the role is whole layers (the IOI organism's eight movers are all of layer 1):
-            # followed head by head it is the same set, so it holds on the same heads, the same
-            # values (as a set) and nothing moves
+        if by_role and heads == {relabelled(c, n_layers, n_heads, n_kv_heads) for c in heads}:
+            # the role is whole layers (the IOI organism's eight movers are all of layer 1), or
+            # whole key-value groups: followed head by head it is the same set, so it holds on
+            # the same heads, the same values (as a set) and nothing moves
             expect = "same"
         out.append(Mutant("relabel", expect, relabel))
     qk = [c for c in components if parse(c, n_layers, n_heads)[0] in ("head", "attn")
@@ -249,30 +535,33 @@ def mutants(components: Sequence[str], breaks: Sequence[str], index_free: bool,
 
 # -- building a mutant model -----------------------------------------------------------------------
 def build_mutant(model: Any, mutant: Mutant) -> Any:
-    """A ``TransformerBridge`` of ``model``'s checkpoint with ``mutant`` applied, in memory."""
+    """A ``TransformerBridge`` of ``model``'s checkpoint with ``mutant`` applied, in memory:
+    the Hugging Face model is loaded from the checkpoint (:data:`LAYOUTS`: GPT-2, Llama),
+    edited through its state dict, and booted as ``load_model`` boots one; its engine checks
+    itself against a copy of the edited Hugging Face model."""
+    import copy
+    import json
+
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     spec = spec_of(model)
     if spec is None:
         raise MutationError("the model was not loaded by mechtests (no checkpoint path): "
                             "mutants are built from the checkpoint a claim ran on")
-    import json
-
     kind = json.loads((spec.path / "config.json").read_text()).get("model_type")
-    if kind != "gpt2":
+    if kind not in LAYOUTS:
         raise MutationError(
             f"model {spec.spec!r} is a {kind!r} checkpoint: mutants can be built for "
-            f"GPT-2-architecture checkpoints only (config.json model_type 'gpt2'); its claims "
-            f"ran as usual, without a kill matrix")
-    cfg = GPT2Config.from_pretrained(spec.path)
-    hf = GPT2LMHeadModel.from_pretrained(spec.path, use_safetensors=True)
+            f"GPT-2- and Llama-architecture checkpoints only (config.json model_type "
+            f"{' or '.join(map(repr, LAYOUTS))}); its claims ran as usual, without a kill "
+            f"matrix")
     param = next(model.parameters())
+    cls = LAYOUTS[kind]
+    hf = cls.load(spec.path, param.dtype)
     with torch.no_grad():
         sd = hf.state_dict()  # shares storage with hf's parameters: edits land in the model
-        mutant.edit(sd, cfg)
-    import copy
-
+        mutant.edit(sd, cls.of(hf.config, hf))
+    hf = hf.to(param.device)  # edited on the CPU (seeded generators), run where the subject is
     reference = copy.deepcopy(hf).eval()  # the engine checks itself against the mutant, untouched
     bridge = TransformerBridge.boot_transformers(
         str(spec.path), hf_model=hf, device=param.device, dtype=param.dtype,
@@ -313,6 +602,44 @@ def judge(expected: str, outcome: str, same: bool, left: bool = False,
     return outcome == "held" and same
 
 
+def moved_anew(base: Sequence[dict], now: Sequence[dict]) -> dict[str, str]:
+    """Who moved where, for roles cast anew (on a subject with no reference of its shape their
+    ``expected`` is empty: nobody to compare with). The unmutated run's heads stand in for the
+    expected ones: each that no longer plays the role is paired with one that now does, as
+    ``roles.Cast`` pairs the reference's heads with the subject's. Casts pair in order."""
+    from mechtests.suite.roles import Cast, Role
+
+    out: dict[str, str] = {}
+    for v, b in zip(now, base):
+        if v.get("expected") or v.get("role") != b.get("role"):
+            continue
+        c = Cast(Role(str(v.get("role", "")), str(v.get("means", ""))),
+                 tuple(b.get("found", ())), tuple(v.get("found", ())), False, False)
+        out.update(c.moved)
+    return out
+
+
+def _nbytes(model: Any) -> int:
+    try:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    except (AttributeError, TypeError):  # not a torch module (a stand-in)
+        return 0
+
+
+def keep(cache: dict, key: Any, model: Any, budget: int | None = None) -> None:
+    """Put ``model`` in ``cache``, then drop the oldest other entries while the cached models'
+    parameters exceed ``budget`` bytes (:data:`CACHE_BYTES`), so that a large checkpoint's
+    mutants do not pile up in memory over a run."""
+    budget = CACHE_BYTES if budget is None else budget
+    cache[key] = model
+    total = sum(_nbytes(m) for m in cache.values())
+    for k in list(cache):
+        if total <= budget:
+            break
+        if k != key:
+            total -= _nbytes(cache.pop(k))
+
+
 def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
     """Run the claim test ``item`` (already held on ``subject``) on each of its mutants."""
     from mechtests.suite.claims import Inconclusive, Subject
@@ -332,8 +659,9 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
     original = [m for k, m in item.user_properties if k == PREFIX + "measured"]
     base_casts = [v for k, v in item.user_properties if k == PREFIX + "cast"]
     by_role = bool(base_casts)
+    n_kv = getattr(cfg, "n_key_value_heads", None)
     muts = mutants(named["components"], named["breaks"], named["index_free"],
-                   cfg.n_layers, cfg.n_heads, named.get("together", False), by_role)
+                   cfg.n_layers, cfg.n_heads, named.get("together", False), by_role, n_kv)
     seed = item.config.getoption("--seed")
     matrix: dict[str, dict[str, Any]] = {}
     saved = dict(item.funcargs)
@@ -342,7 +670,7 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
             key = (subject.spec, mut.name, tuple(named["components"]))
             if key not in cache:
                 try:
-                    cache[key] = build_mutant(subject.model, mut)
+                    keep(cache, key, build_mutant(subject.model, mut))
                 except MutationError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - name the mutant and the cause
@@ -373,12 +701,12 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
             measured = [v for k, v in node.user_properties if k == PREFIX + "measured"]
             found = {h for k, v in node.user_properties if k == PREFIX + "cast"
                      for h in v.get("found", [])}
-            moved = {a: b for k, v in node.user_properties if k == PREFIX + "cast"
-                     for a, b in v.get("moved", {}).items()}
+            casts = [v for k, v in node.user_properties if k == PREFIX + "cast"]
+            moved = {a: b for v in casts for a, b in v.get("moved", {}).items()}
+            moved.update(moved_anew(base_casts, casts))
             if outcome == "held" and moved:
                 outcome = "moved"
             same = _same(original, measured)
-            casts = [v for k, v in node.user_properties if k == PREFIX + "cast"]
             # each role on the heads it found on the unmutated subject (which, on a checkpoint
             # where the mechanism had already moved, are not the reference's heads)
             as_before = len(casts) == len(base_casts) and all(
@@ -386,7 +714,7 @@ def run_test(item: Any, subject: Any, cache: dict) -> dict[str, Any]:
             if mut.expected == "moved":  # and the heads found where they were renumbered to
                 # (as a set: which old head became which is not in the scores)
                 same = same and len(casts) == len(base_casts) and all(
-                    set(v["found"]) == {relabelled(f, cfg.n_layers, cfg.n_heads)
+                    set(v["found"]) == {relabelled(f, cfg.n_layers, cfg.n_heads, n_kv)
                                         for f in b["found"]}
                     for v, b in zip(casts, base_casts))
             left = bool(mut.broken) and not (found & set(mut.broken))

@@ -163,10 +163,24 @@ def moved_text(test: dict[str, Any]) -> str:
     return ", ".join(f"{a} → {b}" for a, b in moved.items())
 
 
+def cast_text(test: dict[str, Any]) -> str:
+    """``name movers: 23.1, 23.2 (cast here)``: who plays each role cast anew on a model with no
+    reference of its shape, and on which half of which family (``roles.cast``)."""
+    parts = [f"{c['role']}: {', '.join(c['found']) or 'none'}"
+             for c in test.get("casts") or [] if not c.get("expected")]
+    if not parts:
+        return ""
+    halves = "; ".join(f"found on {len(s['discover'])} prompts of {s['family']}, confirmed on "
+                       f"the other {len(s['confirm'])} (seed {s['seed']})"
+                       for s in test.get("splits") or [])
+    return "cast here: " + "; ".join(parts) + (f" ({halves})" if halves else "")
+
+
 def beside_text(beside: dict[str, Any]) -> str:
     """``strict (the very same heads): failed: ...``: the answer to the question that did not
     decide the verdict (``roles.verdict``), in words."""
-    what = {"strict": "strict (the very same heads)", "role": "by role"}.get(
+    what = {"strict": "strict (the very same heads)", "role": "by role",
+            "control": "control (the same check on as many other heads, drawn at random)"}.get(
         beside.get("question", ""), str(beside.get("question")))
     out = f"{what}: {WORDS.get(beside.get('outcome', ''), beside.get('outcome'))}"
     return out + (f": {beside['reason']}" if beside.get("reason") else "")
@@ -189,6 +203,9 @@ def cell_key(cell: dict[str, Any]) -> tuple[str, str]:
         return "", ""
     if out == "error":
         return _exception(t.get("reason", "")), ""
+    anew = [h for c in t.get("casts") or [] if not c.get("expected") for h in c["found"]]
+    if out == "held" and anew:  # who plays the role on a model cast anew
+        return ", ".join(anew[:3]) + (f" +{len(anew) - 3}" if len(anew) > 3 else ""), ""
     if out == "moved" and t.get("moved"):
         pairs = list(t["moved"].items())
         more = f" +{len(pairs) - 2}" if len(pairs) > 2 else ""
@@ -211,6 +228,8 @@ def test_text(test: dict[str, Any], outcome: bool = True) -> str:
     parts = [WORDS.get(test.get("outcome", ""), test.get("outcome", ""))] if outcome else []
     if test.get("moved"):
         parts.append("components moved: " + moved_text(test))
+    if cast_text(test):
+        parts.append(cast_text(test))
     if test.get("beside"):
         parts.append(beside_text(test["beside"]))
     parts += [measure_text(m) for m in test.get("measurements") or []]
