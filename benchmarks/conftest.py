@@ -44,12 +44,14 @@ def nnsight_gpt2(gpt2_small):
 _rate: dict = {}
 
 
-def record_floor(benchmark, engine, task: str, case: str, sub) -> None:
+def record_floor(benchmark, engine, task: str, case, sub, differ_at: int | None = None) -> None:
     """Put the case's floor (``floor.py``) and this row's distance to it in ``extra_info``;
     the matmul rate (the best in this run) and the time of one pass over the weights (the
-    least in this run) are measured with the benchmark's timer."""
-    from cases import CASES
-    from floor import attribution_matmuls_s, matmul_rate, passes, sweep_flops, weight_pass_s
+    least in this run) are measured with the benchmark's timer. ``case``: a name in
+    ``cases.CASES`` or ``(tokens, prompts)``; ``differ_at``: the first position where clean and
+    corrupted differ (default ``cases.DIFFER_AT``)."""
+    import floor
+    from cases import DIFFER_AT
 
     if benchmark.disabled:
         return
@@ -57,13 +59,14 @@ def record_floor(benchmark, engine, task: str, case: str, sub) -> None:
     # the best rate seen in this run, re-measured at every row: one quick measurement taken
     # while another job shares the memory bus reads low (128 against 150 GFLOP/s seen here),
     # and a low rate flatters every row's distance to its floor
-    _rate["rate"] = max(_rate.get("rate", 0.0), matmul_rate(timer))
+    _rate["rate"] = max(_rate.get("rate", 0.0), floor.matmul_rate(timer))
     shape = (engine.n_layers, engine.d_model, engine.d_mlp, engine.n_heads, engine.n_kv_heads,
              engine.gated)
-    _rate[shape] = min(_rate.get(shape, float("inf")), weight_pass_s(engine, timer))
-    flops = sweep_flops(engine, task, case, sub)
+    _rate[shape] = min(_rate.get(shape, float("inf")), floor.weight_pass_s(engine, timer))
+    flops = floor.sweep_flops(engine, task, case, sub,
+                              differ_at=DIFFER_AT if differ_at is None else differ_at)
     floor_s = flops / _rate["rate"]
-    memory_s = passes(task) * _rate[shape]
+    memory_s = floor.passes(task) * _rate[shape]
     best = benchmark.stats.stats.min
     benchmark.extra_info.update({"gflop": round(flops / 1e9, 2),
                                  "matmul_gflops": round(_rate["rate"] / 1e9, 1),
@@ -72,9 +75,9 @@ def record_floor(benchmark, engine, task: str, case: str, sub) -> None:
                                  "weight_reads_s": round(memory_s, 3),
                                  "x_roofline": round(best / max(floor_s, memory_s), 2)})
     if task == "attribution":  # the matmuls alone, at the rows one call has
-        T, N = CASES[case]
+        T, N = floor.case_shape(case)
         key = (shape, "attribution", N * T)
         _rate[key] = min(_rate.get(key, float("inf")),
-                         attribution_matmuls_s(engine, N * T, timer))
+                         floor.attribution_matmuls_s(engine, N * T, timer))
         benchmark.extra_info.update({"matmuls_at_rows_s": round(_rate[key], 3),
                                      "x_matmuls_at_rows": round(best / _rate[key], 2)})

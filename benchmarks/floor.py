@@ -81,11 +81,19 @@ def _patch(D: dict, T: int, entry_stage: int, p0: int, read: int, cols: int) -> 
     return total + 2 * D["d"] * cols
 
 
-def sweep_flops(shape, task: str, case: str, sub: dict | None, cols: int = 2) -> float:
+def case_shape(case) -> tuple[int, int]:
+    """``(tokens, prompts)`` of a case: a name in ``CASES`` or the pair itself (a real model's
+    own prompts)."""
+    return CASES[case] if isinstance(case, str) else tuple(case)
+
+
+def sweep_flops(shape, task: str, case, sub: dict | None, cols: int = 2,
+                differ_at: int = DIFFER_AT) -> float:
     """Floor FLOPs of one benchmark call (``sub`` as ``cases.cells``); ``cols``: the vocabulary
-    columns the metric reads."""
+    columns the metric reads; ``differ_at``: the first position where clean and corrupted
+    differ."""
     D = _dims(shape)
-    T, N = CASES[case]
+    T, N = case_shape(case)
     base = 2 * N * _forward(D, T, cols)
     if task == "attribution":  # 2 forwards + backward to the activations
         causal = (T + 1) / 2
@@ -97,13 +105,13 @@ def sweep_flops(shape, task: str, case: str, sub: dict | None, cols: int = 2) ->
     if task == "resid_pre":
         for layer in layers:
             for p in sub.get("positions", range(T)):
-                if p >= DIFFER_AT:
+                if p >= differ_at:
                     total += _patch(D, T, 2 * layer, p, T - 1, cols)
     else:  # a head's output at every position: enters at the layer's MLP input
         heads = len(sub.get("heads", range(D["H"])))
         for layer in layers:
-            total += heads * (_patch(D, T, 2 * layer + 1, DIFFER_AT, T - 1, cols)
-                              + 2 * D["dh"] * D["d"] * (T - DIFFER_AT))
+            total += heads * (_patch(D, T, 2 * layer + 1, differ_at, T - 1, cols)
+                              + 2 * D["dh"] * D["d"] * (T - differ_at))
     return base + N * total
 
 

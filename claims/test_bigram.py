@@ -14,7 +14,7 @@ import pytest
 
 from mechtests.core.engine import normalize
 from mechtests.organisms.language import bigram_table
-from mechtests.suite.claims import holds, reference
+from mechtests.suite.claims import holds, reference, synthetic
 
 SOURCE = "Elhage et al. 2021 (zero-layer transformers are bigram models)"
 REFS = {"bigram": None}
@@ -22,6 +22,7 @@ REFS = {"bigram": None}
 
 @pytest.mark.claim(id="bigram.table", source=SOURCE, subjects=["bigram"])
 def test_embedding_times_unembedding_is_the_bigram_table(subject, record, pin):
+    synthetic(subject, REFS, "its bigram table")
     reference(subject, REFS)
     record.components(["embed"])  # the direct path W_E @ W_U (tied: the same matrix)
     model = subject.model

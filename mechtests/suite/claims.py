@@ -45,6 +45,15 @@ def travels(subject: Any, refs: Mapping[str, Any]) -> bool:
     return not any(reference_shape(n) == shape for n in refs)
 
 
+def synthetic(subject: Any, refs: Mapping[str, Any], language: str) -> None:
+    """Skip, saying why, a claim about an organism's synthetic language on a model with no
+    reference of its shape: a model never trained on that language has nothing to show."""
+    if travels(subject, refs):
+        pytest.skip(f"a claim about the synthetic language of the {', '.join(refs)} organism "
+                    f"({language}): a model never trained on it has nothing to show; it runs "
+                    f"on that organism and on checkpoints of its shape (a fine-tune, a seed)")
+
+
 def reference(subject: Any, refs: Mapping[str, T]) -> tuple[str, T]:
     """The expectations that apply to ``subject``: its own by name, else those of a reference
     of the same shape (a fine-tune or another seed of it). Skips, saying why, otherwise."""

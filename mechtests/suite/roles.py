@@ -235,23 +235,32 @@ def _anew(casts: list[Cast], check: Callable[..., None], record: Any) -> None:
     for c in casts:
         _by_role(c, lambda *_: None, record)
     check(*[c.found for c in casts])
-    control = [others(c) for c in casts]
-    if not all(control):
+    drawn = [others(c) for c in casts]
+    if not all(drawn):
         record.beside("control", "not run", "too few other components to draw from")
         return
-    drawn = "; ".join(f"{c.role.name}: {list(o)}" for c, o in zip(casts, control))
+    what = "; ".join(f"{c.role.name}: {list(o)}" for c, o in zip(casts, drawn))
+    control(lambda: check(*drawn), what, "the components cast here", record)
+
+
+def control(check: Callable[[], None], what: str, found: str, record: Any) -> None:
+    """The control of a claim cast anew on a model with no reference of its shape: the same
+    ``check`` on ``what`` (stand-ins drawn at random with ``CONTROL_SEED``: heads for
+    ``verdict``; neurons, modules, positions or a direction for the claims that name those)
+    must fail. One that holds there too does not single out ``found``, and the claim fails
+    saying so. Recorded beside the verdict either way."""
+    __tracebackhide__ = True
     outcome, reason = "held", ""
     with record.aside():
         try:
-            check(*control)
+            check()
         except AssertionError as exc:
             outcome, reason = "failed", str(exc).splitlines()[0]
         except Inconclusive as exc:
             outcome, reason = "inconclusive", str(exc).splitlines()[0]
-    record.beside("control", outcome, f"the same check on {drawn}" + (
+    record.beside("control", outcome, f"the same check on {what}" + (
         f": {reason}" if reason else ""))
     if outcome == "held":
         raise AssertionError(
-            f"the check does not single out the components cast here: it holds as well on as "
-            f"many other components drawn at random (seed {CONTROL_SEED}; {drawn}), so "
-            f"it says nothing about who plays the role")
+            f"the check does not single out {found}: it holds as well on {what}, drawn at "
+            f"random (seed {CONTROL_SEED}), so it says nothing about who plays the role")
