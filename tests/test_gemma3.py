@@ -396,7 +396,7 @@ def gemma3_270m():
 def test_real_gemma3_270m_is_exact(gemma3_270m):
     """The converted 270M through every check; the engine against Hugging Face at 1e-4 of the
     logits' scale (the build's comparison), on a prompt past the 512-token sliding window too;
-    and a residual-stream sweep against the hook loop."""
+    and an attn_out sweep past the window against the hook loop."""
     import json
 
     from transformers import AutoTokenizer
@@ -428,7 +428,7 @@ def test_real_gemma3_270m_is_exact(gemma3_270m):
     assert tok.decode(ref[0, -1].argmax()) != "" and tok.decode(
         hf(ioi).logits[0, -1].argmax()) == " Mary"
     # a sweep site against the hook loop, past the window: layers 0 (sliding) and 5 (global)
-    clean = long[:, -40:].clone() if False else long
+    clean = long
     corrupted = clean.clone()
     corrupted[:, 520] = tok(" cat").input_ids[-1]
     fox, dog = tok(" fox").input_ids[-1], tok(" dog").input_ids[-1]
@@ -438,7 +438,7 @@ def test_real_gemma3_270m_is_exact(gemma3_270m):
                          layers=layers, positions=positions)
     names = [f"blocks.{la}.hook_attn_out" for la in layers]
     _, src = engine.run(clean, names)
-    for i, la in enumerate(layers):
+    for i in range(len(layers)):
         for j, p in enumerate(positions):
             def edit(act, name=names[i], p=p):
                 act = act.clone()

@@ -285,8 +285,9 @@ def test_seed7_induction_heads_moved_and_its_look_back_head_is_gone(pytester):
 def test_behaviour_claim_runs_on_any_shape_that_can_express_its_family(pytester, tmp_path):
     """ioi.logit_diff names no component: on a 2-layer model with the multitask organism's
     tokenizer it runs (and fails: random weights). The head claims, with no reference of that
-    shape, cast their roles anew and are judged too: never skipped for the shape. (The induction organism shares that tokenizer: it runs there too, and fails:
-    CI lows -0.43 and -1.37.) A tokenizer without IOI's words skips, saying so."""
+    shape, cast their roles anew and are judged too: never skipped for the shape. (The induction
+    organism shares that tokenizer: it runs there too, and fails: CI lows -0.43 and -1.37.)
+    A tokenizer without IOI's words skips, saying so."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     src = organisms_dir() / "multitask"
