@@ -1,8 +1,15 @@
-"""A real pretrained model: SmolLM2-135M-Instruct (``load_model("smollm2")``: a Llama, 30 layers
+"""Real pretrained models: SmolLM2-135M-Instruct (``load_model("smollm2")``: a Llama, 30 layers
 of 9 query heads sharing 3 key-value heads, d_model 576, tied embeddings; the published Q4_1
-GGUF dequantized to float32), on the Jones prompt ("Michelle Jones was a top-notch student.
-Michelle" against "Michelle Smith ...", SmolLM2's tokenizer, no BOS: 11 tokens, differing at
-position 2), metric the logit difference " Jones" - " Smith" at the last position.
+GGUF dequantized to float32) and Gemma 3 270M (``load_model("gemma3-270m")``: 18 layers of 4
+query heads sharing one key-value head, d_model 640, vocabulary 262144; Q4_K_M dequantized), on
+the Jones prompt ("Michelle Jones was a top-notch student. Michelle" against "Michelle Smith
+...", the model's own tokenizer, no BOS: 11 tokens for SmolLM2, differing at position 2),
+metric the logit difference " Jones" - " Smith" at the last position.
+
+On Gemma 3 the engine refuses the head-output sweep and attribution patching (a head's
+``z @ W_O`` is not its write into the residual stream past the post-attention norm: README
+"Architectures and dtypes"); those rows skip with the engine's reason, since there is no exact
+result to compare the peers with.
 
 Three tasks, as ``test_bench_patching.py`` runs them on random GPT-2-shaped weights:
 ``resid_pre`` by (layer, pos) over every layer and position, head output (``z`` by (layer,
@@ -35,12 +42,13 @@ CLEAN = "Michelle Jones was a top-notch student. Michelle"
 CORRUPTED = "Michelle Smith was a top-notch student. Michelle"
 ANSWERS = (" Jones", " Smith")  # metric: logit(" Jones") - logit(" Smith") at the last position
 IMPLS = ("transformer_lens", "nnsight", "mechtests")
-NAME = "SmolLM2-135M-Instruct"
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "Q4_1 dequantized to float32"),
+          "gemma3-270m": ("Gemma 3 270M", "Q4_K_M dequantized to float32")}
 _ours: dict = {}
 
 
-@pytest.fixture(scope="module")
-def smollm2():
+@pytest.fixture(scope="module", params=list(MODELS))
+def real(request):
     """The model, its engine, the Jones pair and the metric; nnsight's model on first use."""
     import torch
 
@@ -48,10 +56,11 @@ def smollm2():
     from mechtests.core.metrics import logit_diff
     from mechtests.core.models import ModelUnavailable, load_model
 
+    spec = request.param
     try:
-        model = load_model("smollm2", device="cpu")
+        model = load_model(spec, device="cpu")
     except ModelUnavailable as exc:
-        pytest.skip(f"{NAME} rows: {exc}")
+        pytest.skip(f"{MODELS[spec][0]} rows: {exc}")
     tok = model.tokenizer
 
     def ids(text: str) -> torch.Tensor:
@@ -69,12 +78,13 @@ def smollm2():
             held.append(nnsight_model(model))
         return held[0]
 
-    return SimpleNamespace(model=model, engine=Engine(model), clean=clean, corrupted=corrupted,
+    return SimpleNamespace(spec=spec, model=model, engine=Engine(model), clean=clean,
+                           corrupted=corrupted,
                            metric=logit_diff(answers[0][0], answers[1][0]),
                            differ_at=int(differ[0]), nnsight=nnsight)
 
 
-def smollm2_cells(task: str, full: bool, model, T: int) -> dict | None:
+def real_cells(task: str, full: bool, model, T: int) -> dict | None:
     """None (every layer x every position, or every head of every layer) for timing; under
     ``--benchmark-disable`` the first and last layer, as ``cases.cells`` does for 11 x 1."""
     if full or task == "attribution":
@@ -96,7 +106,7 @@ def _run(s, impl: str, task: str, sub):
 
 def _reference(s, task: str, sub):
     """This engine's result on ``sub`` (computed once), for the peers' agreement checks."""
-    key = task, repr(sub)
+    key = s.spec, task, repr(sub)
     if key not in _ours:
         _ours[key] = _run(s, "mechtests", task, sub)
     return _ours[key]
@@ -104,18 +114,25 @@ def _reference(s, task: str, sub):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("task", TASKS)
-def test_bench_smollm2(benchmark, smollm2, task, impl):
+def test_bench_real_model(benchmark, real, task, impl):
+    from mechtests.core.engine import UnsupportedArchitecture
+
     if impl == "nnsight" and task == "attribution":
         pytest.skip("nnsight has no attribution-patching routine to compare with")
-    s = smollm2
+    s = real
+    name, what = MODELS[s.spec]
     N, T = s.clean.shape
     full = not benchmark.disabled
-    sub = smollm2_cells(task, full, s.model, T)
-    benchmark.group = f"{task} {NAME} Jones {T}x{N}"
-    benchmark.extra_info.update({"model": f"{NAME} (Q4_1 dequantized to float32)",
+    sub = real_cells(task, full, s.model, T)
+    quick = real_cells(task, False, s.model, T)
+    try:
+        _reference(s, task, quick)
+    except UnsupportedArchitecture as exc:
+        pytest.skip(f"{name}: the engine refuses {task}: {str(exc).splitlines()[0][:300]}")
+    benchmark.group = f"{task} {name} Jones {T}x{N}"
+    benchmark.extra_info.update({"model": f"{name} ({what})",
                                  "cells": "all" if sub is None else str(sub),
                                  "differ_at": s.differ_at})
-    quick = smollm2_cells(task, False, s.model, T)
     if impl != "mechtests" and quick != sub:  # agree on the quick cells before timing
         assert_agree(task, _reference(s, task, quick), _run(s, impl, task, quick))
     result = benchmark.pedantic(lambda: _run(s, impl, task, sub), rounds=ROUNDS, iterations=1,
