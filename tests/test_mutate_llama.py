@@ -276,6 +276,25 @@ def test_a_role_cast_anew_moves_on_its_mutants():
                          [{"role": "r", "expected": ["1.0"], "found": ["1.1"]}]) == {}
 
 
+def test_a_head_that_leaves_a_role_cast_anew_with_no_successor_has_moved():
+    """A cast of up to n heads that finds fewer on the mutant (SmolLM2: QK 18.6 broken, the
+    induction role keeps 17.3, 17.4, 17.5, 18.7 and no fifth head clears 0.5) no longer names
+    the broken head: it followed the mechanism away from it (moved), not "held on it"."""
+    from mechtests.suite.claims import Subject
+
+    base = ("1.0", "1.3")
+    cfg = SimpleNamespace(n_layers=L, n_heads=H, n_key_value_heads=KV)
+    subject = Subject("s", "s", SimpleNamespace(cfg=cfg))
+    found = {"relabel": ("1.4", "1.1"), "QK 1.0": ("1.3",), "QK 1.3": ("1.0", "1.3"),
+             "unnamed": ("1.0",), "noise": ("1.3", "1.0")}
+    cache = {("s", name, base): SimpleNamespace(found=f, cfg=cfg) for name, f in found.items()}
+    m = mu.run_test(_Item(base), subject, cache)["matrix"]
+    assert m["QK 1.0"]["outcome"] == "moved" and m["QK 1.0"]["ok"]
+    assert m["QK 1.0"]["moved"] == {"1.0": mu.LEFT}
+    assert m["unnamed"]["outcome"] == "moved" and not m["unnamed"]["ok"]  # a hold that moved
+    assert m["QK 1.3"]["outcome"] == "held" and not m["QK 1.3"]["ok"]
+
+
 CLAIMS = """
 import pytest
 

@@ -606,7 +606,9 @@ def moved_anew(base: Sequence[dict], now: Sequence[dict]) -> dict[str, str]:
     """Who moved where, for roles cast anew (on a subject with no reference of its shape their
     ``expected`` is empty: nobody to compare with). The unmutated run's heads stand in for the
     expected ones: each that no longer plays the role is paired with one that now does, as
-    ``roles.Cast`` pairs the reference's heads with the subject's. Casts pair in order."""
+    ``roles.Cast`` pairs the reference's heads with the subject's. Casts pair in order. A head
+    that left a role no other head took (a cast of up to n that now finds fewer, still enough)
+    moved to ``LEFT``: the claim no longer names it."""
     from mechtests.suite.roles import Cast, Role
 
     out: dict[str, str] = {}
@@ -615,8 +617,11 @@ def moved_anew(base: Sequence[dict], now: Sequence[dict]) -> dict[str, str]:
             continue
         c = Cast(Role(str(v.get("role", "")), str(v.get("means", ""))),
                  tuple(b.get("found", ())), tuple(v.get("found", ())), False, False)
-        out.update(c.moved)
+        out.update({e: f or LEFT for e, f in c.pairs() if f != e})
     return out
+
+
+LEFT = "(left the role)"
 
 
 def _nbytes(model: Any) -> int:
