@@ -295,6 +295,24 @@ def name_movers_attend_anew(subject, kind: str, record) -> None:
     verdict(movers, check, record)
 
 
+def _single_drops(subject, fam, low: int, before: float) -> dict[str, float]:
+    """Each head of layer ``low`` and after mean-ablated alone: the share of ``before`` (the
+    logit diff) it costs."""
+    cfg = subject.model.cfg
+    every = [str(sites.Head(layer, h)) for layer in range(low, cfg.n_layers)
+             for h in range(cfg.n_heads)]
+    single = ablate(subject.model, fam.clean, every, fam.logit_diff(), how="mean",
+                    reference=fam.corrupted)
+    return {h: (before - float(v)) / before for h, v in zip(every, single.values)}
+
+
+def _knocked_out(subject, fam, names) -> float:
+    """The logit diff with ``names`` mean-ablated together."""
+    knocked = ablate(subject.model, fam.clean, list(names), fam.logit_diff(), how="mean",
+                     reference=fam.corrupted, together=True)
+    return float(knocked.values.reshape(-1)[0])
+
+
 @pytest.mark.claim(id="ioi.knockout", source=SOURCE, subjects=SUBJECTS)
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_knocking_out_name_movers_lowers_logit_diff(subject, kind, record):
@@ -314,19 +332,12 @@ def test_knocking_out_name_movers_lowers_logit_diff(subject, kind, record):
     movers, _ = name_movers(subject, ref, fam, record)
     record.components(list(movers.components))
     before = _logit_diff(subject, fam.clean, fam).mean
-    cfg = subject.model.cfg
     # every head of the earliest layer a mover sits in here or in the reference, and after
     low = min(h.layer for h in sites.heads((*movers.found, *movers.expected)))
-    every = [str(sites.Head(layer, h)) for layer in range(low, cfg.n_layers)
-             for h in range(cfg.n_heads)]
-    single = ablate(subject.model, fam.clean, every, fam.logit_diff(), how="mean",
-                    reference=fam.corrupted)
-    drops = {h: (before - float(v)) / before for h, v in zip(every, single.values)}
+    drops = _single_drops(subject, fam, low, before)
 
     def check(names):
-        knocked = ablate(subject.model, fam.clean, list(names), fam.logit_diff(), how="mean",
-                         reference=fam.corrupted, together=True)
-        after = float(knocked.values.reshape(-1)[0])
+        after = _knocked_out(subject, fam, names)
         holds((before - after) / before, ">=", ref.min_knockout_drop,
               f"fraction of the logit diff lost with {list(names)} mean-ablated",
               ref.knockout_why, record, before=before, after=after)
@@ -353,18 +364,11 @@ def knockout_anew(subject, kind: str, record) -> None:
     record.components(list(movers.components), together=True)
     fam = split.confirm
     before = _logit_diff(subject, fam.clean, fam).mean
-    cfg = subject.model.cfg
     low = min(h.layer for h in sites.heads(movers.found)) if movers.found else 1
-    every = [str(sites.Head(layer, h)) for layer in range(low, cfg.n_layers)
-             for h in range(cfg.n_heads)]
-    single = ablate(subject.model, fam.clean, every, fam.logit_diff(), how="mean",
-                    reference=fam.corrupted)
-    drops = {h: (before - float(v)) / before for h, v in zip(every, single.values)}
+    drops = _single_drops(subject, fam, low, before)
 
     def check(names):
-        knocked = ablate(subject.model, fam.clean, list(names), fam.logit_diff(), how="mean",
-                         reference=fam.corrupted, together=True)
-        lost = (before - float(knocked.values.reshape(-1)[0])) / before
+        lost = (before - _knocked_out(subject, fam, names)) / before
         first = min(h.layer for h in sites.heads(names))
         rival = max((h for h in drops if h not in names and sites.Head.parse(h).layer >= first),
                     key=drops.__getitem__)
