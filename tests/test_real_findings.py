@@ -1,23 +1,27 @@
-"""The committed findings of a real model (``fixtures/real/smollm2``, written by
-``python -m mechtests.real_findings smollm2 --out DIR``): FINDINGS.md is exactly the rendering of
-findings.json, and the numbers the README quotes from it are the ones there."""
+"""The committed findings of the real models (``fixtures/real/smollm2``, ``.../gemma3-270m``,
+written by ``python -m mechtests.real_findings NAME --out DIR``): FINDINGS.md is exactly the
+rendering of findings.json, and the numbers the README quotes from it are the ones there."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
 from mechtests import real_findings as R
 from mechtests.core.real_models import REAL_MODELS
 
-DIR = Path(__file__).resolve().parent.parent / "fixtures" / "real" / "smollm2"
+REAL = Path(__file__).resolve().parent.parent / "fixtures" / "real"
+DIR = REAL / "smollm2"
 
 
-def test_findings_md_is_the_rendering_of_findings_json():
-    f = json.loads((DIR / "findings.json").read_text())
+@pytest.mark.parametrize("name", ["smollm2", "gemma3-270m"])
+def test_findings_md_is_the_rendering_of_findings_json(name):
+    f = json.loads((REAL / name / "findings.json").read_text())
     assert set(f) == set(R.EXPERIMENTS)
-    text = R.render("smollm2", REAL_MODELS["smollm2"].about, f) + "\n"
-    assert (DIR / "FINDINGS.md").read_text() == text
+    text = R.render(name, REAL_MODELS[name].about, f) + "\n"
+    assert (REAL / name / "FINDINGS.md").read_text() == text
 
 
 def test_the_recall_answer_moves_from_the_surname_to_the_last_position_at_layer_24():
