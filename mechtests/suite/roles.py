@@ -226,7 +226,7 @@ def others(c: Cast, seed: int = CONTROL_SEED) -> tuple[str, ...]:
 
 def _anew(casts: list[Cast], check: Callable[..., None], record: Any) -> None:
     """The verdict on a subject with no reference of its shape: the check on who plays each
-    role here, then the control (the check on as many other eligible components) must fail."""
+    role here, then the control (the check on as many other components, ``others``) must fail."""
     __tracebackhide__ = True
     if any(c.strict for c in casts):
         pytest.skip("--strict-components asks whether the reference's own heads play the role; "
