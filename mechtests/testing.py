@@ -244,3 +244,26 @@ def broken_copy(src: str | Path, out: str | Path, zero_heads: Sequence[str] = ()
         w[h.head * d_head:(h.head + 1) * d_head] = 0
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def hf_resid_pre_loop(hf, layers, clean, corrupted, metric):
+    """``[N, layer, pos]``: the metric of ``hf`` on ``corrupted`` with position p of decoder
+    layer L's input replaced by the clean run's, one forward per (L, p), through Hugging Face's
+    own forward (a pre-hook on ``layers[L]``): the engine-free reference for a resid_pre sweep."""
+    import torch
+
+    with torch.no_grad():
+        src = hf(clean, output_hidden_states=True).hidden_states       # [L + 1] x [N, T, d]
+    ref = torch.empty(clean.shape[0], len(layers), clean.shape[1])
+    for la, p in ((la, p) for la in range(len(layers)) for p in range(clean.shape[1])):
+        def pre(module, args, kwargs, la=la, p=p):
+            x = (args[0] if args else kwargs["hidden_states"]).clone()
+            x[:, p] = src[la][:, p]
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+        handle = layers[la].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                ref[:, la, p] = metric(hf(corrupted).logits[:, -1])
+        finally:
+            handle.remove()
+    return ref

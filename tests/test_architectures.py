@@ -16,7 +16,7 @@ from mechtests.analysis import patching
 from mechtests.analysis.attribution import head_attribution, logit_attribution, logit_lens
 from mechtests.core.engine import Engine, UnsupportedArchitecture
 from mechtests.core.models import load_model
-from mechtests.testing import save_arch_checkpoint
+from mechtests.testing import hf_resid_pre_loop, save_arch_checkpoint
 
 ARCHS = ("neox", "neox_serial", "gptj", "llama", "qwen2", "qwen3")
 ATOL = 1e-4
@@ -130,20 +130,7 @@ def test_resid_pre_sweep_equals_hugging_face_hooks(arch):
     corrupted = clean.clone()
     corrupted[:, 2] = (clean[:, 2] + 7) % engine.d_vocab
     ours = patching.sweep(engine, "resid_pre", clean, corrupted, METRIC, by=("layer", "pos"))
-    with torch.no_grad():
-        src = hf(clean, output_hidden_states=True).hidden_states       # [L + 1] x [N, T, d]
-    ref = torch.empty(clean.shape[0], engine.n_layers, clean.shape[1])
-    for la, p in ((la, p) for la in range(engine.n_layers) for p in range(clean.shape[1])):
-        def pre(module, args, kwargs, la=la, p=p):
-            x = (args[0] if args else kwargs["hidden_states"]).clone()
-            x[:, p] = src[la][:, p]
-            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
-        handle = layers[la].register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                ref[:, la, p] = METRIC(hf(corrupted).logits[:, -1])
-        finally:
-            handle.remove()
+    ref = hf_resid_pre_loop(hf, layers, clean, corrupted, METRIC)
     assert (ref - ref[:, :, :1]).abs().max() > 0.05           # patches move the metric
     assert (ours.per_prompt - ref).abs().max() < ATOL
 

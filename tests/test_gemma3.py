@@ -30,6 +30,7 @@ from mechtests.analysis.attribution import (
 )
 from mechtests.core.engine import VERIFY_RTOL, Ctx, Engine, UnsupportedArchitecture
 from mechtests.core.models import load_model
+from mechtests.testing import hf_resid_pre_loop
 
 ATOL = 1e-4
 WINDOW = 4
@@ -298,20 +299,7 @@ def test_resid_pre_sweep_equals_hugging_face_hooks(gemma):
     hf = _hf(path)
     clean, corrupted = _pair(engine)
     ours = patching.sweep(engine, "resid_pre", clean, corrupted, METRIC, by=("layer", "pos"))
-    with torch.no_grad():
-        src = hf(clean, output_hidden_states=True).hidden_states       # [L + 1] x [N, T, d]
-    ref = torch.empty(clean.shape[0], engine.n_layers, clean.shape[1])
-    for la, p in ((la, p) for la in range(engine.n_layers) for p in range(clean.shape[1])):
-        def pre(module, args, kwargs, la=la, p=p):
-            x = (args[0] if args else kwargs["hidden_states"]).clone()
-            x[:, p] = src[la][:, p]
-            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
-        handle = hf.model.layers[la].register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                ref[:, la, p] = METRIC(hf(corrupted).logits[:, -1])
-        finally:
-            handle.remove()
+    ref = hf_resid_pre_loop(hf, hf.model.layers, clean, corrupted, METRIC)
     assert (ref - ref[:, :, :1]).abs().max() > 0.05           # patches move the metric
     assert (ours.per_prompt - ref).abs().max() < ATOL
 
