@@ -91,27 +91,26 @@ def _control(check: Callable[[Sequence[int]], None], found: Sequence[int], d_mlp
             "the neurons cast", record)
 
 
-def entropy_neurons(subject, record) -> tuple[int, list[int]]:
-    """(final layer, the neurons cast there), recorded: the cast reads the weights only."""
+def entropy_neurons(subject, record):
+    """(final layer, the neurons cast there, the layer's output norms and null-space fractions),
+    recorded: the cast reads the weights only."""
     if strict_mode(record):
         pytest.skip("--strict-components asks whether the reference's own neurons play the "
                     "role; this checkpoint has no reference of its shape")
     layer = subject.model.cfg.n_layers - 1
-    written = (neuron_output_norms(subject.model).values[layer]
-               * unembed_null_fraction(subject.model).values[layer].sqrt())
-    found = written.topk(N_ENTROPY).indices.tolist()
+    norms = neuron_output_norms(subject.model).values[layer]
+    null = unembed_null_fraction(subject.model).values[layer]
+    found = (norms * null.sqrt()).topk(N_ENTROPY).indices.tolist()
     record.cast("entropy neurons", ENTROPY, [], [f"mlp{layer}.{i}" for i in found], {}, [])
     record.components([f"mlp_{layer}"], breaks=("ov",))
-    return layer, found
+    return layer, found, norms, null
 
 
 def weights_anew(subject, record) -> None:
     """The neurons cast have large output norm (at least 80% of them in their layer's top 10%)
     written mostly into the null space (median fraction at least five times the layer's median
     neuron's): the reference's relative bars, each against the layer."""
-    layer, found = entropy_neurons(subject, record)
-    norms = neuron_output_norms(subject.model).values[layer]
-    null = unembed_null_fraction(subject.model).values[layer]
+    layer, found, norms, null = entropy_neurons(subject, record)
 
     def check(neurons: Sequence[int]) -> None:
         idx = torch.tensor(list(neurons))
@@ -143,7 +142,7 @@ def ablation_anew(subject, record) -> None:
     """Mean-ablating the neurons cast from the weights moves the entropy (nats) more than the
     clean top token's logit for at least half of them, on a prompt family the cast never
     saw: they act through the final norm's scale, not on one token."""
-    layer, found = entropy_neurons(subject, record)
+    layer, found, _, _ = entropy_neurons(subject, record)
     fam = _held_out(subject)
 
     def check(neurons: Sequence[int]) -> None:
