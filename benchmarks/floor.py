@@ -144,7 +144,7 @@ def _block_matrices(engine) -> list[torch.Tensor]:
     mats = []
     for layer in range(engine.n_layers):
         mats += [engine.W_QKV[layer], engine.W_O_flat[layer], engine.W_in[layer],
-                 engine.W_out[layer]]
+                 engine.W_out_raw[layer]]
         if engine.gated:
             mats.append(engine.W_gate[layer])
     return mats

@@ -267,3 +267,53 @@ def hf_resid_pre_loop(hf, layers, clean, corrupted, metric):
         finally:
             handle.remove()
     return ref
+
+
+SWEEP_CASES = [
+    ("resid_pre", ("layer", "pos")), ("resid_mid", ("layer", "pos")),
+    ("resid_post", ("layer", "pos")), ("attn_out", ("layer", "pos")),
+    ("mlp_out", ("layer", "pos")), ("z", ("layer", "head")), ("z", ("layer", "head", "pos")),
+    ("q", ("layer", "head")), ("q", ("layer", "head", "pos")), ("k", ("layer", "head")),
+    ("k", ("layer", "head", "pos")), ("v", ("layer", "head")), ("v", ("layer", "head", "pos")),
+    ("pattern", ("layer", "head")), ("pattern", ("layer", "head", "pos")),
+    ("mlp_post", ("layer", "neuron"))]  # every sweep site, by each of its axes
+
+
+def engine_hook_loop(engine, site: str, by, clean, corrupted, metric):
+    """``[N, *by]``: the reference for ``patching.sweep(engine, site, clean, corrupted, metric,
+    by=by)``: one full forward per cell (``Engine.run`` with an edit of the site's TL hook),
+    patching clean activations into the corrupted run; none of the patching core's shortcuts
+    (windows, deltas added to the residual stream, post-norm recomputation) is in it."""
+    import torch
+
+    from mechtests.analysis import patching
+
+    hook = {**{s: h for s, (h, _) in patching.RESID_SITES.items()}, **patching.HEAD_SITES,
+            **patching.NEURON_SITES}[site]
+    L, T = engine.n_layers, clean.shape[1]
+    names = [f"blocks.{la}.{hook}" for la in range(L)]
+    _, src = engine.run(clean, names)
+    n_heads = engine.n_kv_heads if site in ("k", "v") else engine.n_heads
+    sizes = {"layer": L, "pos": T, "head": n_heads, "neuron": engine.d_mlp}
+    out = torch.empty(*(sizes[a] for a in by), clean.shape[0])
+    for key in torch.cartesian_prod(*(torch.arange(sizes[a]) for a in by)).reshape(
+            -1, len(by)).tolist():
+        k = dict(zip(by, key))
+        la = k["layer"]
+
+        def edit(act, la=la, k=k):
+            act, s = act.clone(), src[names[la]]
+            if site in patching.RESID_SITES:
+                idx = (slice(None), k.get("pos", slice(None)))
+            elif site == "pattern":  # [N,H,q,k]: pos is the query
+                idx = (slice(None), k["head"], k.get("pos", slice(None)))
+            elif site in patching.HEAD_SITES:  # [N,T,H,dh]
+                idx = (slice(None), k.get("pos", slice(None)), k["head"])
+            else:  # mlp_post at every position
+                idx = (slice(None), slice(None), k["neuron"])
+            act[idx] = s[idx]
+            return act
+
+        lg, _ = engine.run(corrupted, edits={names[la]: edit}, logits_at=-1)
+        out[tuple(key)] = metric(lg)
+    return out.movedim(-1, 0)

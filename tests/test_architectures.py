@@ -16,7 +16,12 @@ from mechtests.analysis import patching
 from mechtests.analysis.attribution import head_attribution, logit_attribution, logit_lens
 from mechtests.core.engine import Engine, UnsupportedArchitecture
 from mechtests.core.models import load_model
-from mechtests.testing import hf_resid_pre_loop, save_arch_checkpoint
+from mechtests.testing import (
+    SWEEP_CASES,
+    engine_hook_loop,
+    hf_resid_pre_loop,
+    save_arch_checkpoint,
+)
 
 ARCHS = ("neox", "neox_serial", "gptj", "llama", "qwen2", "qwen3")
 ATOL = 1e-4
@@ -50,50 +55,8 @@ def test_logits_match_fresh_hugging_face_model(arch):
 METRIC = staticmethod(lambda lg: lg[..., 3] - lg[..., 5])
 
 
-def _hook_loop(engine, site, by, clean, corrupted, metric):
-    """One forward per cell, patching clean activations into the corrupted run by TL hooks."""
-    hook = {**{s: h for s, (h, _) in patching.RESID_SITES.items()}, **patching.HEAD_SITES,
-            **patching.NEURON_SITES}[site]
-    L, T = engine.n_layers, clean.shape[1]
-    names = [f"blocks.{la}.{hook}" for la in range(L)]
-    _, src = engine.run(clean, names)
-    n_heads = engine.n_kv_heads if site in ("k", "v") else engine.n_heads
-    sizes = {"layer": L, "pos": T, "head": n_heads, "neuron": engine.d_mlp}
-    out = torch.empty(*(sizes[a] for a in by), clean.shape[0])
-    for key in torch.cartesian_prod(*(torch.arange(sizes[a]) for a in by)).reshape(
-            -1, len(by)).tolist():
-        k = dict(zip(by, key))
-        la = k["layer"]
-
-        def edit(act, la=la, k=k):
-            act, s = act.clone(), src[names[la]]
-            if site in patching.RESID_SITES:
-                idx = (slice(None), k.get("pos", slice(None)))
-            elif site == "pattern":  # [N,H,q,k]: pos is the query
-                idx = (slice(None), k["head"], k.get("pos", slice(None)))
-            elif site in patching.HEAD_SITES:  # [N,T,H,dh]
-                idx = (slice(None), k.get("pos", slice(None)), k["head"])
-            else:  # mlp_post at every position
-                idx = (slice(None), slice(None), k["neuron"])
-            act[idx] = s[idx]
-            return act
-
-        lg, _ = engine.run(corrupted, edits={names[la]: edit}, logits_at=-1)
-        out[tuple(key)] = metric(lg)
-    return out.movedim(-1, 0)
-
-
-CASES = [("resid_pre", ("layer", "pos")), ("resid_mid", ("layer", "pos")),
-         ("resid_post", ("layer", "pos")), ("attn_out", ("layer", "pos")),
-         ("mlp_out", ("layer", "pos")), ("z", ("layer", "head")),
-         ("z", ("layer", "head", "pos")), ("q", ("layer", "head")),
-         ("q", ("layer", "head", "pos")), ("k", ("layer", "head")),
-         ("k", ("layer", "head", "pos")), ("v", ("layer", "head")),
-         ("v", ("layer", "head", "pos")), ("pattern", ("layer", "head")),
-         ("pattern", ("layer", "head", "pos")), ("mlp_post", ("layer", "neuron"))]
-
-
-@pytest.mark.parametrize("site,by", CASES, ids=[f"{s}-{'/'.join(b)}" for s, b in CASES])
+@pytest.mark.parametrize("site,by", SWEEP_CASES,
+                         ids=[f"{s}-{'/'.join(b)}" for s, b in SWEEP_CASES])
 def test_sweep_equals_hook_loop(arch, site, by):
     name, _, _, engine = arch
     clean = _tokens(engine, seed=1)
@@ -106,7 +69,7 @@ def test_sweep_equals_hook_loop(arch, site, by):
             patching.sweep(engine, site, clean, corrupted, metric, by=by)
         return
     res = patching.sweep(engine, site, clean, corrupted, metric, by=by)
-    ref = _hook_loop(engine, site, by, clean, corrupted, metric)
+    ref = engine_hook_loop(engine, site, by, clean, corrupted, metric)
     assert res.per_prompt.shape == ref.shape
     base = res.meta["corrupted_per_prompt"]
     effect = (ref - torch.tensor(base).view(-1, *[1] * (ref.dim() - 1))).abs().max()

@@ -6,12 +6,14 @@ its own rotary base on each kind of layer, linear rope scaling on the global one
 ``query_pre_attn_scalar`` apart from ``head_dim``; two query heads per key-value head; weights at
 std 0.25 and norm gains ``1 + w`` perturbed, as ``tests/test_architectures.py`` does for the other
 families). What is exact: logits (fused and hand-written attention), every hook against the
-TransformerBridge's, windowed forwards from any stage and position, every residual-stream sweep
-site (resid_pre/mid/post, attn_out, mlp_out) against a hook loop and against Hugging Face's own
-layer hooks, the DLA of residual components and the logit lens. What is refused, saying why: the
-views that treat a head's ``z @ W_O`` or a neuron's row of ``W_out`` as its write into the
-residual stream, which the norms after attention and the MLP make untrue. Marked heavy: the real
-Gemma 3 270M (``--model gemma3-270m``).
+TransformerBridge's, windowed forwards from any stage and position, every sweep site against a
+hook loop (a head's or neuron's patch recomputing its layer's post-norm) and the residual stream
+against Hugging Face's own layer hooks, single-head and single-neuron ablations and path
+patching against Hugging Face's forward with its ``o_proj`` / ``down_proj`` / ``q_proj``
+hooked, the DLA of residual components and the logit lens, head and neuron DLA as shares that
+add up to their layer's. What is refused, saying why: reading ``W_O`` / ``W_out`` as writes
+(the norm-weighted pattern, the OV circuit). ``--mutate``'s Gemma 3 mutants. Marked heavy: the
+real Gemma 3 270M (``--model gemma3-270m``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mechtests.analysis.attribution import (
 )
 from mechtests.core.engine import VERIFY_RTOL, Ctx, Engine, UnsupportedArchitecture
 from mechtests.core.models import load_model
-from mechtests.testing import hf_resid_pre_loop
+from mechtests.testing import SWEEP_CASES, engine_hook_loop, hf_resid_pre_loop
 
 ATOL = 1e-4
 WINDOW = 4
@@ -184,30 +186,6 @@ def test_windowed_forward_equals_full_past_the_window(gemma, p0):
 
 
 # -- sweeps ---------------------------------------------------------------------------------
-def _hook_loop(engine, site, by, clean, corrupted, metric):
-    """tests/test_architectures.py's reference, for the residual-stream sites: one forward per
-    cell (``Engine.run`` with an edit), patching clean activations into the corrupted run."""
-    hook = patching.RESID_SITES[site][0]
-    L, T = engine.n_layers, clean.shape[1]
-    names = [f"blocks.{la}.{hook}" for la in range(L)]
-    _, src = engine.run(clean, names)
-    sizes = {"layer": L, "pos": T}
-    out = torch.empty(*(sizes[a] for a in by), clean.shape[0])
-    for key in torch.cartesian_prod(*(torch.arange(sizes[a]) for a in by)).reshape(
-            -1, len(by)).tolist():
-        k = dict(zip(by, key))
-        la = k["layer"]
-
-        def edit(act, la=la, k=k):
-            act, idx = act.clone(), (slice(None), k.get("pos", slice(None)))
-            act[idx] = src[names[la]][idx]
-            return act
-
-        lg, _ = engine.run(corrupted, edits={names[la]: edit}, logits_at=-1)
-        out[tuple(key)] = metric(lg)
-    return out.movedim(-1, 0)
-
-
 def METRIC(lg):
     return lg[..., 3] - lg[..., 5]
 
@@ -220,56 +198,67 @@ def _pair(engine, T=9):
     return clean, corrupted
 
 
-RESID_CASES = [(s, by) for s in patching.RESID_SITES for by in (("layer", "pos"), ("layer",))]
-
-
-@pytest.mark.parametrize("site,by", RESID_CASES,
-                         ids=[f"{s}-{'/'.join(b)}" for s, b in RESID_CASES])
-def test_resid_sweep_equals_hook_loop(gemma, site, by):
-    """Prompts of 9 tokens, windows of 4: patches at positions 0..8 are read at 8, through
-    windows whose cached keys fall partly outside the sliding window."""
+@pytest.mark.parametrize("site,by", SWEEP_CASES,
+                         ids=[f"{s}-{'/'.join(b)}" for s, b in SWEEP_CASES])
+def test_sweep_equals_hook_loop(gemma, site, by):
+    """Every sweep site, prompts of 9 tokens, windows of 4: patches at positions 0..8 are read
+    at 8, through windows whose cached keys fall partly outside the sliding window. A head's
+    or neuron's patch goes through its layer's post-norm (recomputed on the base run's branch
+    output plus the change); the reference is a full forward per cell with the hook edited."""
     _, _, engine = gemma
     clean, corrupted = _pair(engine)
     res = patching.sweep(engine, site, clean, corrupted, METRIC, by=by)
-    ref = _hook_loop(engine, site, by, clean, corrupted, METRIC)
+    ref = engine_hook_loop(engine, site, by, clean, corrupted, METRIC)
     assert res.per_prompt.shape == ref.shape
     base = torch.tensor(res.meta["corrupted_per_prompt"]).view(-1, *[1] * (ref.dim() - 1))
-    if "pos" in by:
+    if site not in patching.RESID_SITES or "pos" in by:
         assert (ref - base).abs().max() > 0.05, f"{site}: effects too small to test"
     assert (res.per_prompt - ref).abs().max() < ATOL
 
 
-HEAD_CASES = [("z", ("layer", "head")), ("z", ("layer", "head", "pos")),
-              ("q", ("layer", "head")), ("k", ("layer", "head", "pos")),
-              ("v", ("layer", "head")), ("pattern", ("layer", "head", "pos"))]
+def _zeroing(module, sl):
+    """A forward pre-hook zeroing a slice of ``module``'s input's last axis."""
+    def pre(_, args):
+        x = args[0].clone()
+        x[..., sl] = 0
+        return (x, *args[1:])
+    return module.register_forward_pre_hook(pre)
 
 
-@pytest.mark.parametrize("site,by", HEAD_CASES,
-                         ids=[f"{s}-{'/'.join(b)}" for s, b in HEAD_CASES])
-def test_head_sweeps_are_refused_saying_why(gemma, site, by):
-    _, _, engine = gemma
-    clean, corrupted = _pair(engine)
-    with pytest.raises(UnsupportedArchitecture,
-                       match=r"Gemma3ForCausalLM: a head's z @ W_O is not what it adds.*"
-                             r"post_attention_layernorm.*attn_out"):
-        patching.sweep(engine, site, clean, corrupted, METRIC, by=by)
+def test_single_head_and_neuron_ablations_equal_hugging_face(gemma):
+    """Zero-ablating one head or one neuron, one at a time, against the checkpoint's own
+    Hugging Face forward with that head's slice of ``o_proj``'s input (or that neuron of
+    ``down_proj``'s) zeroed, so HF applies its post-norm to what is left: nothing of the
+    engine is in the reference."""
+    path, _, engine = gemma
+    hf = _hf(path)
+    clean, _ = _pair(engine)
+    dh = engine.d_head
+    heads = [f"{la}.{h}" for la in range(engine.n_layers) for h in range(engine.n_heads)]
+    neurons = [f"mlp{la}.{n}" for la in range(engine.n_layers) for n in (0, 7, 30)]
+    res = patching.ablate(engine, clean, heads + neurons, METRIC)
+    refs = []
+    for comp in heads + neurons:
+        if comp.startswith("mlp"):
+            la, n = map(int, comp[3:].split("."))
+            handle = _zeroing(hf.model.layers[la].mlp.down_proj, slice(n, n + 1))
+        else:
+            la, h = map(int, comp.split("."))
+            handle = _zeroing(hf.model.layers[la].self_attn.o_proj, slice(h * dh, (h + 1) * dh))
+        try:
+            with torch.no_grad():
+                refs.append(METRIC(hf(clean).logits[:, -1]))
+        finally:
+            handle.remove()
+    ref = torch.stack(refs, 1)
+    clean_metric = torch.tensor(res.meta["clean_per_prompt"])[:, None]
+    assert (ref - clean_metric).abs().max() > 0.05              # ablations move the metric
+    assert (res.per_prompt - ref).abs().max() < ATOL
 
 
-def test_neuron_sweeps_and_single_ablations_are_refused_saying_why(gemma):
-    _, _, engine = gemma
-    clean, corrupted = _pair(engine)
-    why = r"post_feedforward_layernorm.*mlp_out"
-    with pytest.raises(UnsupportedArchitecture, match=why):
-        patching.sweep(engine, "mlp_post", clean, corrupted, METRIC, by=("layer", "neuron"))
-    with pytest.raises(UnsupportedArchitecture, match=why):
-        patching.ablate(engine, clean, ["mlp1.3"], METRIC)
-    with pytest.raises(UnsupportedArchitecture, match="post_attention_layernorm"):
-        patching.ablate(engine, clean, ["1.0"], METRIC)
-
-
-def test_the_exact_alternatives_the_refusals_name(gemma):
-    """``ablate(..., together=True)`` runs the full forward with the edit: it equals an edited
-    ``Engine.run``; layer outputs (attn1, mlp1) ablate one by one, as the hook loop does."""
+def test_ablating_together_equals_an_edited_run(gemma):
+    """``ablate(..., together=True)`` runs the full forward with the edits: it equals an edited
+    ``Engine.run``; layer outputs (attn1, mlp1) ablate one by one as the hook loop does."""
     _, _, engine = gemma
     clean, _ = _pair(engine)
 
@@ -324,27 +313,154 @@ def test_residual_attribution_adds_up_through_the_post_norms(gemma):
         assert (lens.per_prompt[:, -1] - truth).abs().max() < ATOL
 
 
-def test_per_head_and_per_neuron_views_are_refused_saying_why(gemma):
-    _, model, _ = gemma
-    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
-    a, c = torch.tensor([3]), torch.tensor([5])
-    with pytest.raises(UnsupportedArchitecture,
-                       match=r"Gemma3ForCausalLM: a head's z @ W_O .*post_attention_layernorm.*"
-                             r"do not add up linearly.*head_attribution"):
-        head_attribution(model, tokens, a, c)
-    for view in (lambda: neuron_attribution(model, tokens, a, c),
-                 lambda: neuron_output_norms(model), lambda: unembed_null_fraction(model)):
-        with pytest.raises(UnsupportedArchitecture,
-                           match=r"post_feedforward_layernorm.*neuron_attribution"):
-            view()
+def test_head_and_neuron_attribution_are_shares_that_add_up(gemma):
+    """Past a post-norm a head's (neuron's) attribution is its ``z @ W_O`` (``post * W_out``)
+    times the factor the norm applied in this run: the heads of a layer plus its bias term are
+    that layer's ``attn_L`` attribution, the neurons plus theirs its ``mlp_L``, to 1e-4."""
+    _, model, engine = gemma
+    tokens = _tokens(engine, seed=4, n=3, T=7)
+    a, c = torch.tensor([3, 4, 6]), torch.tensor([5, 8, 9])
+    dla = logit_attribution(model, tokens, a, c)
+    comp = dla.labels["component"]
+    for view, kind, bias in ((head_attribution, "attn", "b_O"),
+                             (neuron_attribution, "mlp", "b_out")):
+        parts = view(model, tokens, a, c)
+        per_layer = parts.per_prompt.sum(2) + torch.tensor(parts.meta[bias])
+        whole = dla.per_prompt[:, [comp.index(f"{kind}_{la}") for la in range(engine.n_layers)]]
+        assert whole.abs().max() > 0.1
+        assert (per_layer - whole).abs().max() < ATOL, kind
 
 
-def test_path_patching_is_refused(gemma):
-    _, _, engine = gemma
+def test_neuron_output_norms_read_through_the_post_norm_gain(gemma):
+    """Each neuron's row of ``down_proj`` times the post-feedforward norm's gain ``1 + w``,
+    read off the Hugging Face model (what the neuron writes per unit of activation, up to the
+    ``1/rms`` shared by every neuron of its layer); its null-space fraction is scale-free."""
+    path, model, engine = gemma
+    hf = _hf(path)
+    rows = torch.stack([layer.mlp.down_proj.weight.T * (1 + layer.post_feedforward_layernorm
+                                                         .weight) for layer in hf.model.layers])
+    norms = neuron_output_norms(model).values
+    assert (norms - rows.norm(dim=-1)).abs().max() < 1e-5
+    frac = unembed_null_fraction(model).values
+    assert ((frac >= 0) & (frac <= 1)).all()
+    assert not torch.allclose(norms, hf.model.layers[0].mlp.down_proj.weight.T.norm(dim=-1))
+
+
+def test_views_reading_w_o_as_a_write_are_refused_saying_why(gemma):
+    """The norm-weighted pattern (``||alpha v W_O||``) and the OV circuit take ``W_O`` as what a
+    head writes: past the post-norm it is not, and they say so."""
+    from mechtests.analysis.heads import head_scores, ov_circuit
+
+    _, model, engine = gemma
+    tokens = _tokens(engine, seed=2, n=1, T=8)
+    why = r"Gemma3ForCausalLM: a head's z @ W_O is not what it adds.*post_attention_layernorm"
+    with pytest.raises(UnsupportedArchitecture, match=why):
+        head_scores(model, tokens, "previous_token", weighting="norm")
+    with pytest.raises(UnsupportedArchitecture, match=why):
+        ov_circuit(model, 1, 0, [1, 2, 3])
+    with pytest.raises(UnsupportedArchitecture, match="W_out_raw"):
+        engine.W_out  # noqa: B018 - the property raises
+
+
+def test_path_patching_through_the_post_norm_and_q_norm_equals_hugging_face(gemma):
+    """Sender 0.1's clean-minus-corrupted output, through layer 0's post-norm (the other heads
+    at their corrupted values), added only to the input of receiver 2.0's query, which goes
+    through the q norm: against Hugging Face's forward on the corrupted prompts with a hook on
+    layer 2's ``q_proj`` (the receiver's slice recomputed from ``input_layernorm`` of the
+    layer's input plus that write); nothing of the engine is in the reference. Keys and values
+    are shared by query heads here (grouped-query attention), which path patching refuses."""
+    path, _, engine = gemma
+    hf = _hf(path)
     clean, corrupted = _pair(engine)
-    for component, why in (("q", "q/k norm"), ("k", "grouped-query")):
-        with pytest.raises(UnsupportedArchitecture, match=why):
-            patching.path_patch(engine, clean, corrupted, METRIC, ["1.0"], component=component)
+    ours = patching.path_patch(engine, clean, corrupted, METRIC, ["2.0"], component="q")
+    layers, dh = hf.model.layers, engine.d_head
+    grabbed = {}
+
+    def grab(key):
+        def pre(_, args, kwargs):
+            grabbed[key] = (args[0] if args else kwargs["hidden_states"]).clone()
+        return pre
+
+    o_proj, attn0 = layers[0].self_attn.o_proj, layers[0]
+    for prompt in ("clean", "corrupted"):
+        h = o_proj.register_forward_pre_hook(lambda m, a, k=prompt: grabbed.update({k: a[0]}))
+        with torch.no_grad():
+            hf(clean if prompt == "clean" else corrupted)
+        h.remove()
+    z_base, z_src = grabbed["corrupted"], grabbed["clean"].clone()
+    mixed = z_base.clone()
+    mixed[..., dh:2 * dh] = z_src[..., dh:2 * dh]
+    with torch.no_grad():
+        post = attn0.post_attention_layernorm
+        write = post(o_proj(mixed)) - post(o_proj(z_base))
+
+    def q_hook(module, args, out):
+        x = grabbed["resid_pre_2"] + write
+        new = torch.nn.functional.linear(layers[2].input_layernorm(x), module.weight,
+                                         module.bias)
+        out = out.clone()
+        out[..., :dh] = new[..., :dh]
+        return out
+
+    handles = [layers[2].register_forward_pre_hook(grab("resid_pre_2"), with_kwargs=True)]
+    q_proj = layers[2].self_attn.q_proj
+    handles.append(q_proj.register_forward_hook(q_hook))
+    try:
+        with torch.no_grad():
+            ref = METRIC(hf(corrupted).logits[:, -1])
+    finally:
+        for h in handles:
+            h.remove()
+    base = torch.tensor(ours.meta["corrupted_per_prompt"])
+    assert (ref - base).abs().max() > 0.01, "the path changes too little to test"
+    assert (ours.per_prompt[:, 0, 1] - ref).abs().max() < ATOL
+    assert (ours.per_prompt[:, 2] - base[:, None]).abs().max() < ATOL  # senders after: nothing
+    with pytest.raises(UnsupportedArchitecture, match="grouped-query"):
+        patching.path_patch(engine, clean, corrupted, METRIC, ["1.0"], component="k")
+
+
+# -- --mutate on Gemma 3 ------------------------------------------------------------------------
+def test_mutants_of_gemma3_edit_what_they_name(gemma):
+    """``--mutate`` builds Gemma 3 mutants through Llama's names (``Gemma3Layout``): a relabel
+    within key-value groups keeps the function; breaking a head's QK makes it attend uniformly
+    (a zero query stays zero through the q norm), breaking its OV zeroes its columns of
+    ``o_proj`` and no other head's; perturbing the unnamed leaves the named head as it was. Each
+    mutant's engine checks itself against the edited Hugging Face model."""
+    from mechtests.core.engine import engine_for
+    from mechtests.core.models import reference_of
+    from mechtests.suite import mutate as mu
+
+    path, model, engine = gemma
+    tokens = _tokens(engine, seed=5, n=1, T=8)
+    dh, H = engine.d_head, engine.n_heads
+    old = _hf(path).state_dict()
+    relabel = mu.build_mutant(model, mu.Mutant("relabel", "same", mu.relabel))
+    a, _ = engine.run(tokens)
+    b, _ = engine_for(relabel).run(tokens)
+    assert a.abs().max() > 1 and (a - b).abs().max() < 1e-5
+    new = reference_of(relabel).state_dict()
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(new[q][:dh], old[q][dh:2 * dh])  # new head 0 is old head 1 (group 0)
+    assert mu.relabelled("1.0", engine.n_layers, H, engine.n_kv_heads) == "1.1"
+
+    name = "blocks.1.attn.hook_pattern"  # layer 1 is global: uniform over the causal prefix
+    qk = mu.build_mutant(model, mu.Mutant("QK 1.2", "fail", mu.break_qk("1.2")))
+    _, acts = engine_for(qk).run(tokens, [name])
+    _, clean = engine.run(tokens, [name])
+    uniform = torch.tril(torch.ones(8, 8)) / torch.arange(1, 9)[:, None]
+    assert torch.allclose(acts[name][0, 2], uniform, atol=1e-6)
+    assert not torch.allclose(clean[name][0, 2], uniform, atol=1e-2)
+    assert torch.allclose(acts[name][0, 0], clean[name][0, 0], atol=1e-6)
+
+    ov = mu.build_mutant(model, mu.Mutant("OV 1.2", "fail", mu.break_ov("1.2")))
+    w = engine_for(ov).W_O_raw
+    assert float(w[1, 2].abs().max()) == 0 and float(w[1, 1].abs().max()) > 0
+
+    unnamed = mu.build_mutant(model, mu.Mutant("unnamed", "hold", mu.perturb_unnamed(["1.2"])))
+    new = reference_of(unnamed).state_dict()
+    o = "model.layers.1.self_attn.o_proj.weight"
+    assert torch.equal(new[o][:, 2 * dh:3 * dh], old[o][:, 2 * dh:3 * dh])
+    assert not torch.equal(new[o][:, :dh], old[o][:, :dh])
 
 
 # -- what is refused at build ------------------------------------------------------------------

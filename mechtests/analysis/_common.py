@@ -36,6 +36,15 @@ def _engine(model: Any) -> Any:
         return None
 
 
+def _w(model: Any, name: str) -> torch.Tensor:
+    """A weight as the engine runs it (norm weights folded in): the numbers the views use are
+    the ones the engine verified against the Hugging Face model. ``W_O`` / ``W_out`` are
+    refused by the engine where a norm follows attention / the MLP (they are not writes
+    there)."""
+    eng = _engine(model)
+    return getattr(eng if eng is not None else model, name).detach()
+
+
 def _run(model: Any, tokens: torch.Tensor, sites: Sequence[str],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits [n, T, V] and activations at ``sites`` (TL hook names, TL shapes), one forward.

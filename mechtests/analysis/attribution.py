@@ -25,6 +25,7 @@ from mechtests.analysis._common import (
     _positions,
     _run,
     _tokens,
+    _w,
 )
 from mechtests.analysis.patching import ablate, resid_interventions
 from mechtests.core.engine import centre_and_scale
@@ -41,13 +42,6 @@ def _compat(model: Any) -> None:
     raise ValueError("this attribution reads folded weights (W_U, W_O, W_out): load the model "
                      "with load_model(..., compat=True) or call "
                      "model.enable_compatibility_mode() first")
-
-
-def _w(model: Any, name: str) -> torch.Tensor:
-    """A weight as the engine runs it (norm weights folded in): the numbers the views use are
-    the ones the engine verified against the Hugging Face model."""
-    eng = _engine(model)
-    return getattr(eng if eng is not None else model, name).detach()
 
 
 def _rms(model: Any) -> bool:
@@ -128,12 +122,39 @@ def logit_attribution(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
                   per.mean(0), per, _metric_meta(logits, p, bias, answer_ids, counterfactual_ids))
 
 
+def _per_layer_direction(model: Any, which: int, inner: torch.Tensor,
+                         d: torch.Tensor) -> torch.Tensor:
+    """``[n, L, d_model]``: the logit direction each layer's heads (``which`` 0, ``inner`` the
+    read position's z ``[n, L, H, dh]``) or neurons (1, post ``[n, L, m]``) write along.
+    ``d`` itself, unless a norm follows attention or the MLP (Gemma 3): then ``d`` times the
+    factor that norm applied to its input in this run (``Engine.post_scale``), so each head or
+    neuron gets its share of what the layer added and the shares (plus the bias's) sum to the
+    layer's attribution exactly, the frozen-scale reading DLA already takes for the final
+    norm."""
+    eng = _engine(model)
+    L = inner.shape[1]
+    if eng is None or eng.post_norms is None:
+        return d[:, None].expand(-1, L, -1)
+    return torch.stack([d * eng.post_scale(la, which, eng.branch_sum(la, which, inner[:, la]))
+                        .to(d.dtype) for la in range(L)], 1)
+
+
+def _raw(model: Any, name: str) -> torch.Tensor:
+    """``W_O`` / ``W_out`` into the branch's sum, before any norm after it (the engine's
+    ``W_O_raw`` / ``W_out_raw``; a model without an engine has no such norm)."""
+    eng = _engine(model)
+    return (getattr(eng, f"{name}_raw") if eng is not None else getattr(model, name)).detach()
+
+
 def head_attribution(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
                      counterfactual_ids: torch.Tensor | None = None, pos: Pos = None) -> Result:
     """Direct effect of each head (``z @ W_O`` at the read position) on the metric.
 
     Axes ``("layer", "head")``. ``meta['b_O']`` is each layer's output-bias term (per prompt),
-    so heads of layer L plus ``b_O[L]`` give that layer's ``attn_L`` attribution.
+    so heads of layer L plus ``b_O[L]`` give that layer's ``attn_L`` attribution. Where a norm
+    follows attention (Gemma 3), each head's ``z @ W_O`` is taken through the factor that norm
+    applied in this run (see ``_per_layer_direction``): its share of ``attn_L``, not what the
+    layer would write without the head (that is ``patching.ablate``).
     """
     toks, p, d, bias = _direction_setup(model, tokens, answer_ids, counterfactual_ids, pos)
     n_layers = model.cfg.n_layers
@@ -141,10 +162,10 @@ def head_attribution(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
     logits, acts = _run(model, toks, [*sites, "ln_final.hook_scale"])
     scale = _at(acts["ln_final.hook_scale"], p)[:, 0]
     z = torch.stack([_at(acts[s], p) for s in sites], 1)                       # [n, L, H, dh]
-    w_o = _w(model, "W_O")                                                     # [L, H, dh, d]
-    per = torch.einsum("nlhe,lhed,nd->nlh", z, w_o, d) / scale[:, None, None]
+    dl = _per_layer_direction(model, 0, z, d)                                  # [n, L, d]
+    per = torch.einsum("nlhe,lhed,nld->nlh", z, _raw(model, "W_O"), dl) / scale[:, None, None]
     meta = _metric_meta(logits, p, bias, answer_ids, counterfactual_ids)
-    meta["b_O"] = (torch.einsum("ld,nd->nl", _w(model, "b_O"), d) / scale[:, None]).tolist()
+    meta["b_O"] = (torch.einsum("ld,nld->nl", _w(model, "b_O"), dl) / scale[:, None]).tolist()
     labels = {"layer": _labels(n_layers), "head": _labels(model.cfg.n_heads)}
     return Result("head direct logit attribution", ("layer", "head"), labels, per.mean(0), per,
                   meta)
@@ -155,6 +176,8 @@ def neuron_attribution(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
     """Direct effect of each MLP neuron (``post * W_out[n]`` at the read position) on the metric.
 
     Axes ``("layer", "neuron")``. ``meta['b_out']`` holds each layer's bias term (per prompt).
+    Where a norm follows the MLP (Gemma 3), each neuron's share of ``mlp_L``, as for heads in
+    :func:`head_attribution`.
     """
     toks, p, d, bias = _direction_setup(model, tokens, answer_ids, counterfactual_ids, pos)
     n_layers = model.cfg.n_layers
@@ -162,9 +185,11 @@ def neuron_attribution(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
     logits, acts = _run(model, toks, [*sites, "ln_final.hook_scale"])
     scale = _at(acts["ln_final.hook_scale"], p)[:, 0]
     post = torch.stack([_at(acts[s], p) for s in sites], 1)                    # [n, L, m]
-    per = post * torch.einsum("lmd,nd->nlm", _w(model, "W_out"), d) / scale[:, None, None]
+    dl = _per_layer_direction(model, 1, post, d)                               # [n, L, d]
+    per = post * torch.einsum("lmd,nld->nlm", _raw(model, "W_out"), dl) / scale[:, None, None]
     meta = _metric_meta(logits, p, bias, answer_ids, counterfactual_ids)
-    meta["b_out"] = (torch.einsum("ld,nd->nl", _w(model, "b_out"), d) / scale[:, None]).tolist()
+    meta["b_out"] = (torch.einsum("ld,nld->nl", _w(model, "b_out"), dl)
+                     / scale[:, None]).tolist()
     labels = {"layer": _labels(n_layers), "neuron": _labels(post.shape[-1])}
     return Result("neuron direct logit attribution", ("layer", "neuron"), labels, per.mean(0),
                   per, meta)
@@ -216,10 +241,25 @@ def logit_lens(model: Any, tokens: Tokens, answer_ids: torch.Tensor,
 
 
 # -- 4. entropy / confidence-regulation neurons -----------------------------------------------
-def neuron_output_norms(model: Any) -> Result:
-    """L2 norm of every neuron's output weights (rows of ``W_out``), axes ``(layer, neuron)``."""
+def _neuron_rows(model: Any) -> torch.Tensor:
+    """``[L, d_mlp, d_model]``: what each neuron writes per unit of activation: its row of
+    ``W_out``; where a norm follows the MLP (Gemma 3) the row times that norm's gain, which
+    leaves out only the ``1 / rms`` the norm divides the whole MLP output by (one number per
+    layer and position, the same for every neuron of the layer), so norms compare neurons
+    within a layer and directions are exact."""
     _compat(model)
-    w = _w(model, "W_out")
+    eng = _engine(model)
+    if eng is None or eng.post_norms is None:
+        return _w(model, "W_out")
+    return eng.W_out_raw * eng.post_norms[1][:, None].to(eng.W_out_raw.dtype)
+
+
+def neuron_output_norms(model: Any) -> Result:
+    """L2 norm of every neuron's output weights (rows of ``W_out``), axes ``(layer, neuron)``.
+
+    Where a norm follows the MLP, the rows times its gain (``_neuron_rows``): compare neurons
+    within a layer there, not across layers (each layer's norm divides by its own RMS)."""
+    w = _neuron_rows(model)
     return Result("neuron output norm", ("layer", "neuron"),
                   {"layer": _labels(w.shape[0]), "neuron": _labels(w.shape[1])}, w.norm(dim=-1))
 
@@ -257,7 +297,7 @@ def unembed_null_fraction(model: Any, k: int | None = None) -> Result:
     ``unembed_null_space`` for ``k``.
     """
     null = unembed_null_space(model, k)
-    w = _w(model, "W_out").float()
+    w = _neuron_rows(model).float()
     if not _rms(model):
         w = w - w.mean(-1, keepdim=True)
     frac = (w @ null).pow(2).sum(-1) / w.pow(2).sum(-1).clamp_min(1e-30)

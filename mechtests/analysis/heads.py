@@ -23,6 +23,7 @@ from mechtests.analysis._common import (
     _positions,
     _run,
     _tokens,
+    _w,
 )
 from mechtests.core.engine import normalize
 from mechtests.core.result import Result
@@ -99,7 +100,7 @@ def patterns(model: Any, tokens: Tokens, weighting: str = "attention") -> torch.
     acts = _run(model, toks, sites + vsites)[1]
     pat = torch.stack([acts[s] for s in sites], 1)
     if weighting == "norm":
-        W_O = model.W_O  # [L, H, d_head, d_model]
+        W_O = _w(model, "W_O")  # [L, H, d_head, d_model]; refused past a post-norm
         fx = torch.stack([torch.einsum("nshd,hdm->nhsm", acts[v], W_O[la])
                           for la, v in enumerate(vsites)], 1)                 # [n, L, H, src, m]
         pat = pat * fx.norm(dim=-1)[:, :, :, None, :]
@@ -351,7 +352,7 @@ def ov_circuit(model: Any, layer: int, head: int, sources: list[int],
     layer, head = _check_layer(model, layer), _check_head(model, head)
     outs = list(range(model.cfg.d_vocab)) if outputs is None else outputs
     x = _embedded(model, sources, positions)
-    logits = x @ model.W_V[layer, head] @ model.W_O[layer, head] @ model.W_U[:, outs]
+    logits = x @ model.W_V[layer, head] @ _w(model, "W_O")[layer, head] @ model.W_U[:, outs]
     return Result(f"OV circuit {layer}.{head}", ("source", "output"),
                   {"source": _id_labels(model, sources), "output": _id_labels(model, outs)},
                   logits, meta={"layer": layer, "head": head})

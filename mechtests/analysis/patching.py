@@ -11,6 +11,11 @@ changed position ``p0`` on; every site reduces to that:
   MLP input;
 * an MLP neuron: ``(post' - post) * W_out[neuron]`` at the next layer's input.
 
+Where a norm follows attention or the MLP (Gemma 3), the change a head or neuron makes is not
+linear: the post-norm of the base run's branch output plus the change is recomputed, and the
+residual stream takes its difference from the base's (``Engine.post_delta``), so these patches
+stay exact.
+
 Patches that share ``p0`` run as one batch that grows as the forward reaches each patch's stage
 (layers that cannot change are never recomputed); positions before ``p0`` are never recomputed
 (their keys and values come from the base run's cache); the last layer and the unembedding run
@@ -410,7 +415,7 @@ def _head_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Pa
                                          src[name(lay, "v")].repeat_interleave(engine.group, 2))
             else:
                 q, k = (src[name(lay, "q")], k) if site == "q" else (q, src[name(lay, "k")])
-                memo[lay] = _attend(engine, q, k, v)
+                memo[lay] = _attend(engine, lay, q, k, v)
         return memo[lay]
 
     def delta(ks, p0):
@@ -433,15 +438,22 @@ def _head_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Pa
             N, T = base.tokens.shape
             P = len(ks)
             q = b[name(lay, "q")][:, p0:, qh].reshape(N, T - p0, P * G, -1)
-            q = engine.rotate(q, torch.arange(p0, T, device=dev)).view(N, T - p0, P, G, -1)
+            q = engine.rotate(q, torch.arange(p0, T, device=dev), lay).view(N, T - p0, P, G,
+                                                                               -1)
             kn = engine.rotate(src[name(lay, "k")][:, p0:p0 + 1, idx],
-                               torch.tensor([p0], device=dev))[:, 0]  # [N,P,dh]
+                               torch.tensor([p0], device=dev), lay)[:, 0]  # [N,P,dh]
             scores = b[f"blocks.{lay}.attn.hook_attn_scores"][:, qh, p0:].clone()
-            scores[..., p0] = (q.permute(0, 2, 3, 1, 4) * kn[:, :, None, None]).sum(-1) \
-                * engine.scale
+            new = (q.permute(0, 2, 3, 1, 4) * kn[:, :, None, None]).sum(-1) * engine.scale
+            cut = _masked(engine, lay, torch.arange(p0, T, device=dev),
+                          torch.tensor([p0], device=dev))[:, 0]  # [T-p0]: outside a window
+            scores[..., p0] = new.masked_fill(cut, float("-inf"))
             v = b[name(lay, "v")][:, :, idx].permute(0, 2, 1, 3)[:, :, None]  # [N,P,1,T,dh]
             dz = scores.float().softmax(-1).to(v.dtype) @ v - z[:, :, :, p0:]
-        return torch.einsum("npgte,pged->nptd", dz, engine.W_O[lay][qh])
+        change = torch.einsum("npgte,pged->nptd", dz, engine.W_O_raw[lay][qh])
+        if engine.post_norms is None:
+            return change
+        before = engine.branch_sum(lay, 0, b[name(lay, "z")][:, p0:])  # [N,T-p0,d]
+        return engine.post_delta(lay, 0, before[:, None], change)
 
     layers = {k[0] for k in keys}
     need = {"z": ("z",), "q": ("k", "v"), "k": ("q", "v", "attn_scores", "pattern"),
@@ -454,15 +466,27 @@ def _head_patches(engine: Engine, site: str, keys, base: _Run, src: dict) -> _Pa
                     lambda k: (k[2], k[2]) if len(k) == 3 else (0, T - 1), delta, want)
 
 
-def _attend(engine: Engine, q, k, v) -> torch.Tensor:
-    """Causal attention of TL-shaped q, k, v ``[N,T,H,dh]`` -> z ``[N,T,H,dh]``."""
+def _attend(engine: Engine, layer: int, q, k, v) -> torch.Tensor:
+    """Layer ``layer``'s causal attention (its rotary table and sliding window) of TL-shaped
+    q, k, v ``[N,T,H,dh]`` -> z ``[N,T,H,dh]``."""
     T = q.shape[1]
     pos = torch.arange(T, device=q.device)
-    q, k = engine.rotate(q, pos), engine.rotate(k, pos)
+    q, k = engine.rotate(q, pos, layer), engine.rotate(k, pos, layer)
     k, v = k.repeat_interleave(engine.group, 2), v.repeat_interleave(engine.group, 2)
     s = torch.einsum("nqhe,nkhe->nhqk", q, k) * engine.scale
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    s = s.masked_fill(_masked(engine, layer, pos, pos), float("-inf"))
     return torch.einsum("nhqk,nkhe->nqhe", s.float().softmax(-1).to(v.dtype), v)
+
+
+def _masked(engine: Engine, layer: int, queries: torch.Tensor, keys: torch.Tensor
+            ) -> torch.Tensor:
+    """``[q, k]``: the keys a query at each position cannot read at ``layer``: later ones, and
+    those outside its sliding window where the layer has one."""
+    out = keys[None] > queries[:, None]
+    window = engine.windows[layer] if engine.windows is not None else None
+    if window is not None:
+        out = out | (keys[None] <= queries[:, None] - window)
+    return out
 
 
 def _neuron_patches(engine: Engine, keys, positions: list[int], base: _Run,
@@ -476,7 +500,11 @@ def _neuron_patches(engine: Engine, keys, positions: list[int], base: _Run,
         d_post = (src[name] - base.cache[name])[:, pos][:, :, ns]  # [N,S,P]
         out = d_post.new_zeros(d_post.shape[0], len(ks), base.tokens.shape[1] - p0,
                                engine.d_model)
-        out[:, :, pos - p0] = torch.einsum("nsp,pd->npsd", d_post, engine.W_out[lay, ns])
+        change = torch.einsum("nsp,pd->npsd", d_post, engine.W_out_raw[lay, ns])
+        if engine.post_norms is not None:
+            before = engine.branch_sum(lay, 1, base.cache[name][:, pos])  # [N,S,d]
+            change = engine.post_delta(lay, 1, before[:, None], change)
+        out[:, :, pos - p0] = change
         return out
 
     layers = {k[0] for k in keys}
@@ -838,12 +866,6 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
     if component not in ("q", "k", "v"):
         raise ValueError(f"path_patch component must be 'q', 'k' or 'v', not {component!r}")
     _check_supported(engine, component, "path patching")
-    if engine.q_norm is not None:
-        from mechtests.core.engine import UnsupportedArchitecture
-
-        raise UnsupportedArchitecture(
-            f"path patching on {engine.family}: its q/k norm (a norm per head after the "
-            "projection) is not implemented in path patching's recomputed inputs")
     if isinstance(receivers, str):
         receivers = [receivers]
     recv = []
@@ -861,8 +883,6 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
     L, H = engine.n_layers, engine.n_heads
     first, last = min(k[0] for k in recv), max(k[0] for k in recv)
     zs = [f"blocks.{lay}.attn.hook_z" for lay in range(last)]
-    W = {"q": engine.W_Q, "k": engine.W_K, "v": engine.W_V}[component]
-    b = {"q": engine.b_Q, "k": engine.b_K, "v": engine.b_V}[component]
     with torch.no_grad():
         src, base = _runs(engine, (src_tok, base_tok), zs + [f"blocks.{first}.hook_resid_pre"],
                           metric, rp)
@@ -874,16 +894,15 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
         for c in range(0, len(senders), chunk):
             part = senders[c:c + chunk]
             P = len(part)
-            write = torch.stack([torch.einsum(
-                "nte,ed->ntd", src.cache[zs[lay]][:, :, h] - base.cache[zs[lay]][:, :, h],
-                engine.W_O[lay, h]) for lay, h in part], 1)  # [N,P,T,d]
+            write = torch.stack([_sender_write(engine, lay, h, src.cache[zs[lay]],
+                                               base.cache[zs[lay]]) for lay, h in part], 1)
             s_layer = torch.tensor([lay for lay, _ in part], device=clean.device)
             edits, cache = {}, {}  # the receivers' edits read their inputs from this run's cache
             for rl in sorted({k[0] for k in recv}):
                 heads = [k[1] for k in recv if k[0] == rl]
                 mask = (s_layer < rl).to(write.dtype)[None, :, None, None]
                 edits[f"blocks.{rl}.attn.hook_{component}"] = _path_edit(
-                    engine, rl, heads, write * mask, W, b, cache)
+                    engine, rl, heads, write * mask, component, cache)
             ctx = Ctx({f"blocks.{k[0]}.hook_resid_pre" for k in recv}, edits, cache)
             x0 = base.cache[f"blocks.{first}.hook_resid_pre"][:, None].expand(N, P, T, -1)
             x = engine.forward(x0, 2 * first, ctx=ctx, read=rp)[:, :, 0]
@@ -899,16 +918,32 @@ def path_patch(engine: Engine, clean, corrupted, metric: Metric, receivers: Sequ
                    "receivers": list(receivers), "component": component})
 
 
-def _path_edit(engine: Engine, layer: int, heads: list[int], write: torch.Tensor, W, b,
-               cache: dict[str, torch.Tensor]):
-    """Recompute the receivers' q/k/v from their own residual input plus the sender write;
-    ``cache`` is the forward's (its ``Ctx.cache``), which holds that input by then."""
+def _sender_write(engine: Engine, layer: int, head: int, z_src: torch.Tensor,
+                  z_base: torch.Tensor) -> torch.Tensor:
+    """What a sender head's source-minus-base output changes in the residual stream
+    ``[N,T,d]``: ``(z_src - z_base) @ W_O``, through the layer's post-norm where it has one."""
+    change = torch.einsum("nte,ed->ntd", z_src[:, :, head] - z_base[:, :, head],
+                          engine.W_O_raw[layer, head])
+    if engine.post_norms is None:
+        return change
+    return engine.post_delta(layer, 0, engine.branch_sum(layer, 0, z_base), change)
+
+
+def _path_edit(engine: Engine, layer: int, heads: list[int], write: torch.Tensor,
+               component: str, cache: dict[str, torch.Tensor]):
+    """Recompute the receivers' q/k/v from their own residual input plus the sender write
+    (through the q/k norm where the model has one); ``cache`` is the forward's (its
+    ``Ctx.cache``), which holds that input by then."""
+    W = {"q": engine.W_Q, "k": engine.W_K, "v": engine.W_V}[component]
+    b = {"q": engine.b_Q, "k": engine.b_K, "v": engine.b_V}[component]
+
     def edit(act: torch.Tensor) -> torch.Tensor:  # act [N*P, T, H, dh]
         x = cache[f"blocks.{layer}.hook_resid_pre"]  # [N*P, T, d]
         x = engine.normalize(x + write.reshape(x.shape))
         act = act.clone()
         for h in heads:
-            act[:, :, h] = x @ W[layer, h] + b[layer, h]
+            new = x @ W[layer, h] + b[layer, h]
+            act[:, :, h] = new if component == "v" else engine.qk_norm(layer, component, new)
         return act
     return edit
 

@@ -36,7 +36,11 @@ still holds and the residual-stream sites, ``attn_out`` and ``mlp_out`` patch ex
 ``W_out``) is therefore not what it adds to the residual stream (the post-norm divides the
 sum of all heads, or the whole MLP output, by its RMS): on such a model the engine does not
 expose ``W_O`` and ``W_out`` (reading them raises :class:`UnsupportedArchitecture` saying
-why), so no view can treat them as linear writes without saying so.
+why), so no view can treat them as linear writes without saying so. What the views use
+instead: ``W_O_raw`` / ``W_out_raw`` (into the sum, before the norm), ``post_delta`` (what a
+change to one head or neuron changes in the residual stream, the norm recomputed: patching,
+ablation and path patching stay exact) and ``post_scale`` (the factor the norm applied in a
+run, for attribution's shares, which add up to the layer's output).
 
 It adds what patching needs and TransformerLens does not have:
 
@@ -227,13 +231,11 @@ class Engine:
             raise UnsupportedArchitecture(
                 f"{self.architecture}: a head's z @ W_O is not what it adds to the residual "
                 "stream: post_attention_layernorm (an RMSNorm of the sum of all the layer's "
-                "heads, with its own gain) comes between them, so each head's write depends on "
-                "every other head of its layer and the heads do not add up linearly. Views that "
-                "take z @ W_O as a head's own write (head_attribution, patching a head's z, q, "
-                "k, v or pattern, ablating heads one by one, path patching) are refused rather "
-                "than approximated. Exact on this model: the layer's attn_out (after the "
-                "post-norm), and edits of hook_z in a full forward (Engine.run(edits=...), "
-                "patching.ablate(..., together=True)).")
+                "heads, with its own gain) comes between them, so the heads do not add up "
+                "linearly. On this model the library's views go through the post-norm: "
+                "patching and ablating a head recompute it (Engine.post_delta), head "
+                "attribution scales each head by the norm's factor in that run "
+                "(Engine.post_scale). W_O_raw is the matrix into the sum, before the norm.")
         return self._W_O
 
     @property
@@ -245,13 +247,53 @@ class Engine:
                 f"{self.architecture}: an MLP neuron's post * W_out[n] is not what it adds to "
                 "the residual stream: post_feedforward_layernorm (an RMSNorm of the whole MLP "
                 "output, with its own gain) comes between them, so the neurons do not add up "
-                "linearly. Views that take a neuron's row of W_out as its write "
-                "(neuron_attribution, neuron output norms and null-space fractions, patching or "
-                "ablating neurons one by one) are refused rather than approximated. Exact on "
-                "this model: the layer's mlp_out (after the post-norm), and edits of "
-                "mlp.hook_post in a full forward (Engine.run(edits=...), "
-                "patching.ablate(..., together=True)).")
+                "linearly. On this model the library's views go through the post-norm: "
+                "patching and ablating a neuron recompute it (Engine.post_delta), neuron "
+                "attribution scales each neuron by the norm's factor in that run "
+                "(Engine.post_scale). W_out_raw is the matrix into the MLP's output, before "
+                "the norm.")
         return self._W_out
+
+    @property
+    def W_O_raw(self) -> torch.Tensor:
+        """``[L, H, d_head, d_model]``: each head's matrix into its layer's attention output
+        before any norm after attention (``W_O`` itself on models without one)."""
+        return self._W_O
+
+    @property
+    def W_out_raw(self) -> torch.Tensor:
+        """``[L, d_mlp, d_model]``: each neuron's row into the MLP's output before any norm
+        after the MLP (``W_out`` itself on models without one)."""
+        return self._W_out
+
+    def branch_sum(self, layer: int, which: int, inner: torch.Tensor) -> torch.Tensor:
+        """A branch's output before its post-norm: ``which`` 0 from the heads' ``z``
+        ``[..., H, d_head]``, 1 from the MLP's ``post`` ``[..., d_mlp]``."""
+        if which == 0:
+            return _lin(inner.flatten(-2), self.W_O_flat[layer], self.b_O[layer])
+        return _lin(inner, self._W_out[layer], self.b_out[layer])
+
+    def post_delta(self, layer: int, which: int, before: torch.Tensor,
+                   change: torch.Tensor) -> torch.Tensor:
+        """What adding ``change`` to a branch's output before its post-norm (``before``)
+        changes in the residual stream, exactly: ``post(before + change) - post(before)``
+        where the model has a norm after attention (``which`` 0) or the MLP (1), else
+        ``change``. ``before`` broadcasts against ``change``."""
+        if self.post_norms is None:
+            return change
+        before = before.expand_as(change)
+        return self._post(layer, which, before + change) - self._post(layer, which, before)
+
+    def post_scale(self, layer: int, which: int, before: torch.Tensor) -> torch.Tensor | None:
+        """The factor the post-norm multiplies its input ``before`` by, elementwise
+        (``gain / rms(before)``, ``[..., d_model]``, float32), so each part of the sum has its
+        share of the branch's output in this run and the parts add up to it exactly (the same
+        frozen scale direct logit attribution takes for the final norm); None without one."""
+        if self.post_norms is None:
+            return None
+        xf = before.float()
+        return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) \
+            * self.post_norms[which][layer]
 
     # -- public ------------------------------------------------------------------------------
     def run(self, tokens: torch.Tensor, sites: Iterable[str] = (),
@@ -497,10 +539,7 @@ class Engine:
         names = self._names[layer]
         q = qkv[..., :H * dh].view(N, P, t, H, dh)
         k, v = qkv[..., H * dh:].view(N, P, t, 2, Hk, dh).unbind(3)
-        if self.q_norm is not None:
-            norm = _rms_offset if self.qk_norm_offset else _rms
-            q = norm(q, self.q_norm[layer], self.eps)
-            k = norm(k, self.k_norm[layer], self.eps)
+        q, k = self.qk_norm(layer, "q", q), self.qk_norm(layer, "k", k)
         f5 = _fold(q)
         q = _tap(ctx, names["attn.hook_q"], q, *f5)
         k = _tap(ctx, names["attn.hook_k"], k, *f5)
@@ -518,6 +557,14 @@ class Engine:
         else:
             z = self._attend_explicit(layer, q, k, v, p0, kv, read, ctx, rotated)
         return _tap(ctx, names["attn.hook_z"], z, *_fold(z))
+
+    def qk_norm(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """The per-head norm of queries (``which`` "q") or keys ("k") after the projection,
+        where the model has one (Qwen3, Gemma 3); else ``x``."""
+        if self.q_norm is None:
+            return x
+        norm = _rms_offset if self.qk_norm_offset else _rms
+        return norm(x, (self.q_norm if which == "q" else self.k_norm)[layer], self.eps)
 
     def _window(self, layer: int, S: int) -> int | None:
         """The layer's sliding window where it cuts any of ``S`` keys off (else None)."""
