@@ -44,7 +44,13 @@ from mechtests.analysis.heads import (
 )
 from mechtests.analysis.patching import ablate, path_patch, sweep
 from mechtests.core.engine import UnsupportedArchitecture
-from mechtests.core.prompts import PromptError, PromptFamily, TokenizedFamily, fit
+from mechtests.core.prompts import (
+    PromptError,
+    PromptFamily,
+    TokenizedFamily,
+    adds_bos,
+    fit,
+)
 from mechtests.core.result import Result
 
 TOP = 5  # rows per ranking
@@ -84,7 +90,8 @@ def recall(model) -> dict[str, Any]:
         fam = PromptFamily.from_template(
             "recall", gpt2.RECALL_TEMPLATES[0],
             [{"FIRST": "Michelle", "SURNAME": "Jones", "Q": "Michelle"}],
-            lambda f, c=change: {**f, **c}, " Jones", " Smith", prepend_bos=False)
+            lambda f, c=change: {**f, **c}, " Jones", " Smith",
+            prepend_bos=adds_bos(model))  # GPT-2's: none; Gemma's: its <bos>
         try:
             tf = fam.tokenize(model)
         except PromptError as exc:  # e.g. "Jessica" one token longer than "Michelle"

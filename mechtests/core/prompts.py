@@ -9,6 +9,7 @@ exist, no word the tokenizer maps to its unknown token) and says what split wher
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -267,13 +268,43 @@ def _tokenize(fam: PromptFamily, tok: Any) -> TokenizedFamily:
     )
 
 
+def adds_bos(model_or_tokenizer: Any) -> bool:
+    """The checkpoint's own tokenizer puts its BOS token before every text (Gemma's does): the
+    model was trained on text that starts with it. For a model ``load_model`` loaded, the
+    tokenizer saved with its checkpoint is read (TransformerLens's bridge makes every
+    tokenizer prepend a BOS, so the bridge's cannot say); else the tokenizer given."""
+    from mechtests.core.models import spec_of
+
+    spec = spec_of(model_or_tokenizer)
+    if spec is not None:
+        return _checkpoint_adds_bos(str(spec.path))
+    return _prepends_bos(getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer))
+
+
+@functools.lru_cache(maxsize=16)
+def _checkpoint_adds_bos(path: str) -> bool:
+    from transformers import AutoTokenizer
+
+    return _prepends_bos(AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def _prepends_bos(tok: Any) -> bool:
+    bos = getattr(tok, "bos_token_id", None)
+    ids = tok("a").input_ids if bos is not None else []
+    return bool(ids) and ids[0] == bos
+
+
 def fit(fam: PromptFamily, model_or_tokenizer: Any) -> tuple[TokenizedFamily, list[str]]:
     """The largest part of ``fam`` a tokenizer can express as one batch: every prompt that
     tokenizes on its own (single-token answers, clean and corrupted aligned, known words), of the
     most common token count. Returns it and, per prompt left out, why (the first line of its
     ``PromptError``, or its length). A family written for one tokenizer is so rebuilt, from the
-    words that are single tokens in another; ``PromptError`` when no prompt fits."""
+    words that are single tokens in another; ``PromptError`` when no prompt fits. A family
+    written without BOS (GPT-2's published recall prompts) gets one where the tokenizer puts
+    its BOS before every text by default (Gemma's): the model has never seen text without it."""
     tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    if not fam.prepend_bos and adds_bos(model_or_tokenizer):
+        fam = PromptFamily(fam.name, fam.prompts, True, fam.description)
     ok: dict[int, list[int]] = {}
     why: list[str] = []
     for i, p in enumerate(fam.prompts):
