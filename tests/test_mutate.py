@@ -140,5 +140,6 @@ def test_a_model_mutants_cannot_be_built_for_gets_a_message(tiny_model, tmp_path
 
     fake = Fake()
     remember(fake, type(spec_of(tiny_model))("m", tmp_path / "m", "m"))
-    with pytest.raises(mu.MutationError, match="GPT-2- and Llama-architecture checkpoints only"):
+    with pytest.raises(mu.MutationError,
+                       match="GPT-2-, Llama- and Gemma 3-architecture checkpoints only"):
         mu.build_mutant(fake, mu.Mutant("noise", "hold", mu.noise_all))

@@ -214,7 +214,8 @@ def test_other_families_are_refused_by_name(llama, tmp_path):
 
     fake = Fake()
     remember(fake, type(spec_of(llama))("m", tmp_path / "m", "m"))
-    with pytest.raises(mu.MutationError, match="GPT-2- and Llama-architecture checkpoints only"):
+    with pytest.raises(mu.MutationError,
+                       match="GPT-2-, Llama- and Gemma 3-architecture checkpoints only"):
         mu.build_mutant(fake, mu.Mutant("noise", "hold", mu.noise_all))
 
 

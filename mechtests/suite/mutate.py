@@ -37,10 +37,10 @@ the heads the unmutated run found stand in for the expected ones: a mutant on wh
 falls on other heads has *moved* (``moved_anew``).
 
 Components: ``"L.H"`` (head H of layer L), ``"attn_L"`` (every head of layer L), ``"mlp_L"``,
-``"embed"``. Mutants are built for GPT-2 and Llama checkpoints (``config.json`` ``model_type``
-``gpt2`` / ``llama``): what each edit touches is in that architecture's :class:`Layout`. A
-behaviour claim (``kind="behaviour"`` in its ``claim`` marker) names no component: only
-``relabel`` (values must not move) and ``noise`` apply to it.
+``"embed"``. Mutants are built for GPT-2, Llama and Gemma 3 checkpoints (``config.json``
+``model_type`` ``gpt2`` / ``llama`` / ``gemma3_text``): what each edit touches is in that
+architecture's :class:`Layout`. A behaviour claim (``kind="behaviour"`` in its ``claim``
+marker) names no component: only ``relabel`` (values must not move) and ``noise`` apply to it.
 """
 
 from __future__ import annotations
@@ -325,7 +325,25 @@ class LlamaLayout(Layout):
             attn_implementation="eager")
 
 
-LAYOUTS: dict[str, type[Layout]] = {"gpt2": GPT2Layout, "llama": LlamaLayout}
+class Gemma3Layout(LlamaLayout):
+    """Gemma 3: Llama's names for every matrix a mutant edits (a head's rows of ``q_proj``,
+    its columns of ``o_proj``; key-value heads shared by query heads; the embedding tied).
+    Its q/k norms are one gain over ``head_dim`` shared by every head and its norms after
+    attention and the MLP one gain per layer, so a relabel leaves them be and a head's
+    columns of ``o_proj`` are still what it alone feeds its layer's post-norm."""
+
+    @classmethod
+    def load(cls, path: Path, dtype: torch.dtype) -> Any:
+        from transformers import AutoConfig, Gemma3ForCausalLM
+
+        config = AutoConfig.from_pretrained(path, output_attentions=True)
+        return Gemma3ForCausalLM.from_pretrained(
+            path, config=config, use_safetensors=True, dtype=dtype, local_files_only=True,
+            attn_implementation="eager")
+
+
+LAYOUTS: dict[str, type[Layout]] = {"gpt2": GPT2Layout, "llama": LlamaLayout,
+                                    "gemma3_text": Gemma3Layout}
 
 
 def layout_of(cfg: Any, model: Any = None) -> Layout:
@@ -536,7 +554,7 @@ def mutants(components: Sequence[str], breaks: Sequence[str], index_free: bool,
 # -- building a mutant model -----------------------------------------------------------------------
 def build_mutant(model: Any, mutant: Mutant) -> Any:
     """A ``TransformerBridge`` of ``model``'s checkpoint with ``mutant`` applied, in memory:
-    the Hugging Face model is loaded from the checkpoint (:data:`LAYOUTS`: GPT-2, Llama),
+    the Hugging Face model is loaded from the checkpoint (:data:`LAYOUTS`: GPT-2, Llama, Gemma 3),
     edited through its state dict, and booted as ``load_model`` boots one; its engine checks
     itself against a copy of the edited Hugging Face model."""
     import copy
@@ -552,7 +570,7 @@ def build_mutant(model: Any, mutant: Mutant) -> Any:
     if kind not in LAYOUTS:
         raise MutationError(
             f"model {spec.spec!r} is a {kind!r} checkpoint: mutants can be built for "
-            f"GPT-2- and Llama-architecture checkpoints only (config.json model_type "
+            f"GPT-2-, Llama- and Gemma 3-architecture checkpoints only (config.json model_type "
             f"{' or '.join(map(repr, LAYOUTS))}); its claims ran as usual, without a kill "
             f"matrix")
     param = next(model.parameters())
