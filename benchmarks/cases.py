@@ -117,7 +117,8 @@ def _blocks(lm):
 
 # the attention output projection of a block, whose input is the heads' outputs side by side
 _OUT_PROJ = {"GPT2LMHeadModel": ("attn", "c_proj"), "GPTNeoXForCausalLM": ("attention", "dense"),
-             "LlamaForCausalLM": ("self_attn", "o_proj")}
+             "LlamaForCausalLM": ("self_attn", "o_proj"),
+             "Gemma3ForCausalLM": ("self_attn", "o_proj")}  # before Gemma's post-norm
 
 
 def _out_proj(lm, block):

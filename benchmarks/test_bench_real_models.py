@@ -6,10 +6,9 @@ the Jones prompt ("Michelle Jones was a top-notch student. Michelle" against "Mi
 ...", the model's own tokenizer, no BOS: 11 tokens for SmolLM2, differing at position 2),
 metric the logit difference " Jones" - " Smith" at the last position.
 
-On Gemma 3 the engine refuses the head-output sweep and attribution patching (a head's
-``z @ W_O`` is not its write into the residual stream past the post-attention norm: README
-"Architectures and dtypes"); those rows skip with the engine's reason, since there is no exact
-result to compare the peers with.
+On Gemma 3 a head's patch goes through the post-attention norm (recomputed on the patched
+sum: README "Architectures and dtypes"), so its head-output rows are exact like SmolLM2's; a
+row the engine refused would skip with the engine's reason.
 
 Three tasks, as ``test_bench_patching.py`` runs them on random GPT-2-shaped weights:
 ``resid_pre`` by (layer, pos) over every layer and position, head output (``z`` by (layer,
