@@ -115,3 +115,31 @@ def test_answer_equal_to_counterfactual_is_refused(tiny_model):
     with pytest.raises(PromptError, match=r"prompt 0: the answer ' Mary' and the counterfactual "
                                           r"' Mary' are the same token .* is 0 in every run"):
         fam.tokenize(tiny_model)
+
+
+def test_fit_gives_a_bos_only_where_the_checkpoint_s_tokenizer_prepends_one(tmp_path):
+    """A family written without BOS (GPT-2's recall prompts) gets one on a model whose own
+    tokenizer puts its BOS before every text (Gemma's), read from the checkpoint: the loaded
+    bridge's tokenizer prepends one for every model, so it cannot say."""
+    from tokenizers import processors
+
+    from mechtests.core.models import load_model
+    from mechtests.core.prompts import adds_bos, fit
+    from mechtests.testing import save_tiny_llama
+
+    fam = PromptFamily.from_template("ioi", IOI, FILLS, swap_s2, " {IO}", " {S1}",
+                                     prepend_bos=False)
+    plain = save_tiny_llama(tmp_path / "plain")
+    with_bos = save_tiny_llama(tmp_path / "bos")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(with_bos)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    tok.save_pretrained(with_bos)
+    lengths = {}
+    for name, path in (("plain", plain), ("bos", with_bos)):
+        model = load_model(str(path), device="cpu")
+        assert model.tokenizer("a").input_ids[0] == model.tokenizer.bos_token_id  # the bridge's
+        lengths[name] = (adds_bos(model), fit(fam, model)[0].clean.shape[1])
+    assert lengths == {"plain": (False, 14), "bos": (True, 15)}

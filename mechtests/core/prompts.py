@@ -271,14 +271,17 @@ def _tokenize(fam: PromptFamily, tok: Any) -> TokenizedFamily:
 def adds_bos(model_or_tokenizer: Any) -> bool:
     """The checkpoint's own tokenizer puts its BOS token before every text (Gemma's does): the
     model was trained on text that starts with it. For a model ``load_model`` loaded, the
-    tokenizer saved with its checkpoint is read (TransformerLens's bridge makes every
-    tokenizer prepend a BOS, so the bridge's cannot say); else the tokenizer given."""
+    tokenizer saved with its checkpoint is read; a model from elsewhere says nothing (False:
+    the family stays as written), since TransformerLens's bridge makes every tokenizer
+    prepend a BOS; a tokenizer given is asked."""
     from mechtests.core.models import spec_of
 
     spec = spec_of(model_or_tokenizer)
     if spec is not None:
         return _checkpoint_adds_bos(str(spec.path))
-    return _prepends_bos(getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer))
+    if hasattr(model_or_tokenizer, "tokenizer"):
+        return False
+    return _prepends_bos(model_or_tokenizer)
 
 
 @functools.lru_cache(maxsize=16)
